@@ -1,0 +1,339 @@
+"""Checkpoint reading: safetensors through mmap, torch pickles only with ``weights_only=True``.
+
+A checkpoint is read tensor by tensor into a module built on the ``meta`` device, each tensor going
+straight to its target dtype and device, so a component never exists twice in system RAM.
+Layout adapters (official names, ComfyUI names, weight-norm folds, scaled fp8) are expressed as
+mappings from the module's own keys to ``TensorSource`` objects, so every format shares one
+loader and one error report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger("ovi")
+
+GGUF_MAGIC = b"GGUF"
+
+FP8_DTYPES = tuple(
+    d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d is not None
+)
+
+# Anchor keys that identify what a file holds, used to tell a user which component they gave us.
+# Values are (description, keys any of which identifies it).
+KNOWN_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fusion": ("an Ovi fusion model (twin video/audio backbone)", ("video_model.blocks.0.self_attn.q.weight",
+                                                                  "audio_model.blocks.0.self_attn.q.weight")),
+    "fusion_video": ("the video branch of an Ovi fusion model", ("blocks.0.cross_attn.k_fusion.weight",)),
+    "umt5": ("a umT5 text encoder", ("token_embedding.weight", "shared.weight",
+                                     "encoder.block.0.layer.0.SelfAttention.q.weight")),
+    "wan22_vae": ("a Wan2.2 video VAE", ("decoder.middle.0.residual.0.gamma",)),
+    "mmaudio_vae": ("an MMAudio audio VAE", ("decoder.learnable_gain", "encoder.learnable_gain")),
+    "bigvgan": ("a BigVGAN vocoder", ("conv_pre.weight_v", "conv_pre.parametrizations.weight.original1",
+                                      "conv_pre.weight")),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, what is wrong and the likely fix."""
+
+    def __init__(self, path: str | os.PathLike | None, message: str):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class TensorSource:
+    """One tensor of a checkpoint, read only when asked for."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class _SafetensorsSource(TensorSource):
+    handle: object
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.key)
+
+
+@dataclass
+class _TensorSource(TensorSource):
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.tensor.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass
+class DerivedSource(TensorSource):
+    """A tensor computed at load time from other sources (a weight-norm fold, an fp8 scale)."""
+
+    inputs: tuple[TensorSource, ...]
+    fn: Callable[..., torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.fn(*(s.load() for s in self.inputs))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _ST_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    _ST_DTYPES["F8_E5M2"] = torch.float8_e5m2
+
+
+class CheckpointReader:
+    """Random access to the tensors of one checkpoint file.
+
+    ``prefix`` selects and strips a key prefix (the parity fixtures keep weights under ``weights/``);
+    ``entry`` selects a sub-dictionary of a torch pickle (``best_netG.pt`` keeps its weights under
+    ``generator``). Use as a context manager or call ``close``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, prefix: str = "", entry: str | Iterable[str] | None = None):
+        self.path = Path(path)
+        self.prefix = prefix
+        self.metadata: dict[str, str] = {}
+        self._sources: dict[str, TensorSource] = {}
+        self._handle = None
+        if not self.path.is_file():
+            raise CheckpointError(self.path, "file not found. Check the path, or download the file "
+                                             "(python -m ovi download --variant ...).")
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+        if head[:4] == GGUF_MAGIC:
+            raise CheckpointError(self.path, "this is a GGUF file; it needs the GGUF loader, not the "
+                                             "safetensors/torch loader. Pick it in the GGUF-capable loader.")
+        suffix = self.path.suffix.lower()
+        if suffix == ".safetensors" or (len(head) == 8 and not zipfile.is_zipfile(self.path)
+                                        and suffix not in (".pth", ".pt", ".bin", ".ckpt")):
+            self._open_safetensors()
+        else:
+            self._open_torch(entry)
+
+    # -- formats -----------------------------------------------------------------------------
+    def _open_safetensors(self) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or n > size - 8:
+                    raise CheckpointError(self.path, f"not a valid safetensors file (header length {n} "
+                                                     f"in a {size}-byte file): truncated or not safetensors.")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise CheckpointError(
+                    self.path, f"truncated: the header describes {8 + n + end:,} bytes but the file has "
+                               f"{size:,}. The download or copy did not finish; fetch the file again.")
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except CheckpointError:
+            raise
+        except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(self.path, f"unreadable safetensors file ({e}); it is corrupt or truncated. "
+                                             "Fetch the file again.") from e
+        self.metadata = dict(self._handle.metadata() or {})
+        for key, info in header.items():
+            if key == "__metadata__" or not key.startswith(self.prefix):
+                continue
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(self.path, f"tensor {key!r} has dtype {info['dtype']}, which this loader "
+                                                 "does not read.")
+            self._sources[key[len(self.prefix):]] = _SafetensorsSource(self._handle, key, tuple(info["shape"]), dtype)
+
+    def _open_torch(self, entry) -> None:
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                self.path, "refused: the file contains pickled Python objects beyond plain tensors, and loading "
+                           "it would execute code. Use a plain state-dict checkpoint (or a .safetensors file). "
+                           f"({str(e).splitlines()[0]})") from e
+        except RuntimeError as e:
+            if "mmap" in str(e) or "zip" in str(e).lower():
+                try:  # legacy (non-zip) torch files cannot be memory-mapped
+                    obj = torch.load(self.path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError as e2:
+                    raise CheckpointError(self.path, "refused: pickled Python objects in the file.") from e2
+                except Exception as e2:
+                    raise CheckpointError(self.path, f"unreadable torch file ({e2}); it is corrupt or "
+                                                     "truncated. Fetch the file again.") from e2
+            else:
+                raise CheckpointError(self.path, f"unreadable torch file ({e}); it is corrupt or truncated. "
+                                                 "Fetch the file again.") from e
+        except (EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise CheckpointError(self.path, f"unreadable torch file ({e}); it is corrupt or truncated. "
+                                             "Fetch the file again.") from e
+        entries = [entry] if isinstance(entry, str) else list(entry or [])
+        for name in entries:
+            if isinstance(obj, Mapping) and name in obj and isinstance(obj[name], Mapping):
+                obj = obj[name]
+                break
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(self.path, f"expected a state dict, found {type(obj).__name__}.")
+        for key, value in obj.items():
+            if isinstance(value, torch.Tensor) and str(key).startswith(self.prefix):
+                self._sources[str(key)[len(self.prefix):]] = _TensorSource(value)
+
+    # -- access ------------------------------------------------------------------------------
+    def sources(self) -> dict[str, TensorSource]:
+        return dict(self._sources)
+
+    def keys(self) -> list[str]:
+        return list(self._sources)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sources
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._sources[key].load()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s.shape for k, s in self._sources.items()}
+
+    def nbytes(self) -> int:
+        return sum(_numel(s.shape) * _itemsize(s.dtype) for s in self._sources.values())
+
+    def close(self) -> None:
+        self._sources.clear()
+        self._handle = None
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def identify_component(keys: Iterable[str]) -> str | None:
+    """Name of the known component whose anchor keys appear in ``keys`` (None if none does)."""
+    keyset = set(keys)
+    for name, (_, anchors) in KNOWN_COMPONENTS.items():
+        if any(a in keyset for a in anchors):
+            return name
+    return None
+
+
+def _likely_cause(component: str, path, sources: Mapping[str, TensorSource], missing: list[str],
+                  unexpected: list[str], expected_count: int) -> str:
+    found = identify_component(sources.keys())
+    wanted = KNOWN_COMPONENTS.get(component, (component, ()))[0]
+    if found is not None and found != component and not (component.startswith("fusion") and found.startswith("fusion")):
+        return (f"this file looks like {KNOWN_COMPONENTS[found][0]}, not {wanted}: the wrong component was "
+                "given here. Pick the right file in the loader.")
+    if any(s.dtype in FP8_DTYPES for s in sources.values()) or "scaled_fp8" in sources:
+        return "the file holds FP8 weights; load it with an FP8-capable path rather than the bf16 one."
+    if unexpected and not missing:
+        return "the file has extra tensors this model does not use: a different model version or architecture."
+    if missing and len(missing) < expected_count and not unexpected:
+        return ("tensors are missing: the file is partial (one part of a split checkpoint, or an interrupted "
+                "conversion). Use the complete file.")
+    return f"the file does not hold {wanted} in a layout this loader knows."
+
+
+def check_keys(component: str, path, expected: Mapping[str, tuple[int, ...]],
+               sources: Mapping[str, TensorSource]) -> None:
+    """Raise ``CheckpointError`` unless ``sources`` has exactly the expected keys and shapes."""
+    missing = [k for k in expected if k not in sources]
+    unexpected = [k for k in sources if k not in expected]
+    if missing or unexpected:
+        cause = _likely_cause(component, path, sources, missing, unexpected, len(expected))
+        parts = [f"does not match {KNOWN_COMPONENTS.get(component, (component,))[0]}:"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        parts.append(f"Likely cause: {cause}")
+        raise CheckpointError(path, " ".join(parts))
+    bad = [(k, tuple(s.shape), tuple(expected[k])) for k, s in sources.items() if tuple(s.shape) != tuple(expected[k])]
+    if bad:
+        k, got, want = bad[0]
+        raise CheckpointError(
+            path, f"{len(bad)} tensors have the wrong shape (first: {k} is {list(got)}, the model expects "
+                  f"{list(want)}). Likely cause: a different model size or configuration than this loader "
+                  "built; check that the file and the chosen model/variant belong together.")
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        raise KeyError(name)
+
+
+def load_into_module(module: nn.Module, sources: Mapping[str, TensorSource], *, path, component: str,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                     keep_dtype: Callable[[str, torch.Tensor], bool] | None = None) -> nn.Module:
+    """Fill ``module`` (typically built on ``meta``) from ``sources`` keyed by the module's own names.
+
+    Each tensor is read, cast to ``dtype`` (floating tensors only, unless ``keep_dtype`` says to keep
+    it) and moved to ``device`` one at a time, replacing the meta placeholder, so peak memory is the
+    module plus one tensor. Keys and shapes must match exactly.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    check_keys(component, path, expected, sources)
+    for name, src in sources.items():
+        t = src.load()
+        target_dtype = dtype
+        if target_dtype is not None and (not t.is_floating_point() or (keep_dtype and keep_dtype(name, t))):
+            target_dtype = None
+        t = t.to(device=device if device is not None else t.device, dtype=target_dtype or t.dtype)
+        _set_tensor(module, name, t)
+    return module
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Header metadata of a safetensors file ({} for other formats), without reading tensors."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        return {}
+    with CheckpointReader(p) as r:
+        return dict(r.metadata)
