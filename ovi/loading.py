@@ -10,7 +10,6 @@ loader and one error report.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import zipfile
@@ -21,7 +20,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-log = logging.getLogger("ovi")
+from .log import log
 
 GGUF_MAGIC = b"GGUF"
 
