@@ -1,0 +1,10 @@
+"""ComfyUI entry point of the Ovi node pack.
+
+Importing this module must stay cheap: the engine (torch models, sentencepiece, gguf) is imported only when a
+node runs, so a missing optional dependency shows up as a clear error on that node instead of vanished nodes.
+"""
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
