@@ -234,3 +234,12 @@ def test_bigvgan_meta_build_and_hop():
         model = BigVGAN(BigVGANConfig())
     assert model.cfg.hop == 256
     assert sum(k.endswith(".filter") for k in model.state_dict()) == 218
+
+
+def test_file_precision_kept_without_dtype(tiny, tmp_path):
+    vae_path, voc_path = tiny
+    gen = torch.load(voc_path, weights_only=True)["generator"]
+    torch.save({"generator": {k: v.bfloat16() for k, v in gen.items()}}, tmp_path / "bf16.pt")
+    torch.save({k: v.half() for k, v in torch.load(vae_path, weights_only=True).items()}, tmp_path / "fp16.pth")
+    assert {v.dtype for v in load_bigvgan(tmp_path / "bf16.pt").state_dict().values()} == {torch.bfloat16}
+    assert {v.dtype for v in load_mmaudio_vae(tmp_path / "fp16.pth").state_dict().values()} == {torch.float16}

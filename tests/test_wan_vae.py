@@ -104,47 +104,48 @@ def test_tiled_single_tile_is_exact(vae):
     assert torch.equal(vae.decode(lat, tile_size=4, tile_overlap=2), vae.decode(lat))
 
 
-def _receptive_field(cfg: WanVAEConfig) -> int:
-    """Latent pixels on each side that an output pixel depends on, attention aside (3x3 convs, nearest 2x)."""
+def _up_receptive_field(cfg: WanVAEConfig) -> int:
+    """Latent pixels on each side that an output pixel of the up stages depends on (3x3 convs, nearest 2x)."""
     convs = 2 * (cfg.num_res_blocks + 1)
-    r = 1 + convs  # head and last stage, at the decoder's finest level
+    r = 1 + convs  # the head and the last stage, at the finest level
     for _ in range(len(cfg.dim_mult) - 1):
         r = -(-(r + 1) // 2) + convs  # the resample conv, the 2x nearest step back, then the coarser stage
-    return r + 4 + 1  # the middle's two residual blocks and conv1
+    return r
 
 
-def test_tiled_decode_within_derived_bound(parity_dir):
-    fx = load_fixture(parity_dir / "wan22_vae_decode.safetensors")
-    vae = load_wan_vae(fx.weights_path, prefix="weights/", config=WanVAEConfig.from_fixture(fx.config))
-    # 1. Without the middle attention (which couples all pixels of a frame) the decoder is local: a crop
-    #    decodes exactly like the whole beyond the receptive field R of its cut edge, and differs within it.
-    r = _receptive_field(vae.config)
-    assert r == 18
-    attn = vae.decoder.middle[1].proj
-    saved = attn.weight.clone(), attn.bias.clone()
-    attn.weight.zero_(), attn.bias.zero_()
-    lat = _latent(1, 48, 1, 2, 2 * r + 4, seed=4)
-    full, crop = vae.decode(lat, clamp=False), vae.decode(lat[..., :r + 2], clamp=False)
-    far = 16 * (r + 2 - r)  # output columns whose receptive field ends before the cut
-    assert _rel(crop[..., :far], full[..., :far]) < 1e-5
-    assert _rel(crop[..., far:], full[..., far:16 * (r + 2)]) > 1e-3
-    attn.weight.copy_(saved[0]), attn.bias.copy_(saved[1])
-    # 2. With the real architecture, every tiled pixel is a convex blend of the tiles covering it, so it lies
-    #    within the spread of those tiles' own (independently decoded) values: the bound is the edge error
-    #    the receptive field causes, measured per pixel; float32 rounding adds 1e-5 of the scale.
-    lat = _latent(1, 48, 2, 10, 12, seed=5)
+def test_tiled_decode_matches_untiled(vae):
+    # Tiling runs only the up stages per tile (the trunk, with its frame-wide attention, sees the whole
+    # latent), so a tile's output is exact farther than R latent pixels from its cut edges and the blend
+    # differs from the untiled decode only near the seams. Derived tolerances:
+    #  - pixels whose every contributing tile is exact there: float32 rounding, 1e-5 of the scale;
+    #  - elsewhere each pixel is a convex blend of the tiles covering it, so it lies within the spread of
+    #    those tiles' values (decoded here through the whole-sequence path) plus the same rounding.
+    r = _up_receptive_field(vae.config)
+    assert r == 13
+    h, w = 2, 40
+    lat = _latent(1, 48, 2, h, w, seed=5)
     full = vae.decode(lat, clamp=False)
-    tiled = vae.decode(lat, clamp=False, tile_size=8, tile_overlap=4)
-    lo, hi = torch.full_like(full, float("inf")), torch.full_like(full, -float("inf"))
-    for y0, y1 in _spans(10, 8, 4):
-        for x0, x1 in _spans(12, 8, 4):
-            d = vae.decode(lat[..., y0:y1, x0:x1], clamp=False)
-            sl = (..., slice(16 * y0, 16 * y1), slice(16 * x0, 16 * x1))
-            lo[sl], hi[sl] = torch.minimum(lo[sl], d), torch.maximum(hi[sl], d)
+    tiled = vae.decode(lat, clamp=False, tile_size=30, tile_overlap=8)
+    spans = _spans(w, 30, 8)
+    assert spans == [(0, 30), (10, 40)]
     eps = 1e-5 * full.abs().max()
+    feats = vae._trunk(vae.denormalize(lat), causal=False)
+    lo, hi = torch.full_like(full, float("inf")), torch.full_like(full, -float("inf"))
+    exact_cols = torch.ones(w, dtype=torch.bool)
+    for (a, b), wt in zip(spans, _blend_weights(spans, 16)):
+        d = vae._stream(feats[..., a:b], vae.decoder.upsample, causal=False).__next__()[1]
+        cols = slice(16 * a, 16 * b)
+        lo[..., cols], hi[..., cols] = torch.minimum(lo[..., cols], d), torch.maximum(hi[..., cols], d)
+        used = wt.view(-1, 16).amax(1) > 0
+        c = torch.arange(a, b)
+        inexact = ((c < a + r) & (a > 0)) | ((c >= b - r) & (b < w))
+        exact_cols[a:b] &= ~(used & inexact)
+    assert exact_cols[:15].all() and exact_cols[25:].all() and not exact_cols[17:23].any()
+    px = exact_cols.repeat_interleave(16)
+    assert _rel(tiled[..., px], full[..., px]) < 1e-5
+    assert (tiled - full).abs()[..., ~px].max() > 10 * eps  # the seams do differ: the split above matters
     assert bool(((tiled >= lo - eps) & (tiled <= hi + eps)).all())
-    bound = torch.maximum((hi - full).abs(), (lo - full).abs()) + eps
-    assert bool(((tiled - full).abs() <= bound).all())
+    assert bool(((tiled - full).abs() <= torch.maximum(hi - full, full - lo) + eps).all())
 
 
 def test_both_layouts_load_the_same_weights(tiny_files):
@@ -160,9 +161,12 @@ def test_both_layouts_load_the_same_weights(tiny_files):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sb[k].dtype == torch.float32 for k in sa)
     out = a.decode(_latent(1, 48, 2, 2, 2, seed=6), clamp=False)
     assert out.std() > 0.05 and out.abs().max() < 20  # non-degenerate random weights
+    # bf16 compute: ~4e-3 rounding per op through some 40 layers; measured about 2% (decode), 1% (encode).
     c = load_wan_vae(st, dtype=torch.bfloat16)
     assert c.dtype == torch.bfloat16
-    assert _rel(c.decode(_latent(1, 48, 2, 2, 2, seed=6), clamp=False).float(), out) < 0.1
+    assert _rel(c.decode(_latent(1, 48, 2, 2, 2, seed=6), clamp=False).float(), out) < 0.05
+    video = _latent(1, 3, 5, 32, 32, seed=8).clamp(-1, 1)
+    assert _rel(c.encode(video), a.encode(video)) < 0.05
 
 
 def test_wrapper_prefix_is_stripped(tiny_files, tmp_path):

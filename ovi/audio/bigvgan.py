@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..loading import meta_device
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ def bigvgan_file_shapes(cfg: BigVGANConfig, naming: str = "weight_g") -> dict[st
     """Expected {key: shape} of a ``best_netG.pt['generator']`` file for ``cfg``: every conv as
     ``bias``/``weight_g``/``weight_v`` (``naming='weight_g'``) or ``bias``/``parametrizations.weight.original0/1``
     (``naming='parametrizations'``); g is [dim0, 1, 1]."""
-    with torch.device("meta"):
+    with meta_device():
         model = BigVGAN(cfg)
     convs = set(weight_normed_convs(model))
     out: dict[str, tuple[int, ...]] = {}

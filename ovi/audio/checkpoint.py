@@ -12,14 +12,15 @@ from typing import Mapping
 
 import torch
 
-from ..loading import (CheckpointError, CheckpointReader, DerivedSource, TensorSource, check_keys,
+from ..loading import (meta_device, CheckpointError, CheckpointReader, DerivedSource, TensorSource, check_keys,
                        load_into_module)
 from ..log import log
 from .bigvgan import WN_SUFFIXES, BigVGAN, BigVGANConfig, bigvgan_file_shapes, fold_weight_norm
 from .mmaudio_vae import MMAudioVAE, MMAudioVAEConfig, fold_mp_weight
 
+
 def _meta_shapes(module_cls, cfg, **kw) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with meta_device():
         m = module_cls(cfg, **kw)
     return {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=True).items()}
 
@@ -60,7 +61,7 @@ def load_mmaudio_vae(path: str | os.PathLike, *, prefix: str = "", device=None, 
         if not any(k.startswith("decoder.") for k in sources) and any(k.startswith("encoder.") for k in sources):
             raise CheckpointError(path, "this MMAudio VAE file holds no decoder; Ovi needs the full v1-16.pth "
                                         "(hkchengrex/MMAudio ext_weights/v1-16.pth).")
-        with torch.device("meta"):
+        with meta_device():
             model = MMAudioVAE(config, encoder=encoder)
         load_into_module(model, mmaudio_vae_sources(sources), path=path, component="mmaudio_vae",
                          device=device, dtype=dtype)
@@ -108,7 +109,7 @@ def load_bigvgan(path: str | os.PathLike, *, prefix: str = "", device=None, dtyp
                 check_keys("bigvgan", path, bigvgan_file_shapes(BigVGANConfig()), sources)
                 raise CheckpointError(path, "cannot infer the BigVGAN configuration from this file.")
         dtype = dtype or _file_dtype(sources)
-        with torch.device("meta"):
+        with meta_device():
             model = BigVGAN(config)
         load_into_module(model, bigvgan_sources(sources, path), path=path, component="bigvgan", device=device,
                          dtype=dtype)

@@ -165,15 +165,23 @@ class Wan22VAE(nn.Module):
         return 1 + self.config.temporal_factor * (latent_frames - 1)
 
     # -- decode ------------------------------------------------------------------------------------------
-    def _decode_stream(self, z: torch.Tensor, causal: bool) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first video frame, video frames before the clamp) for a de-normalised latent, chunk by chunk."""
+    def _trunk(self, z: torch.Tensor, causal: bool) -> torch.Tensor:
+        """conv2, decoder.conv1 and the middle for the whole latent (small: latent resolution)."""
         if not causal:
-            yield 0, unpatchify(self.decoder(self.conv2(z)))
+            return self.decoder.trunk(self.conv2(z))
+        cache: dict = {}
+        return torch.cat([self.decoder.trunk(self.conv2(z[:, :, i:i + 1]), cache) for i in range(z.shape[2])], 2)
+
+    @staticmethod
+    def _stream(x: torch.Tensor, fn, causal: bool) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first video frame, frames before the clamp) of ``fn`` over x, one latent frame at a time."""
+        if not causal:
+            yield 0, unpatchify(fn(x, None))
             return
         cache: dict = {}
         t = 0
-        for i in range(z.shape[2]):
-            frames = unpatchify(self.decoder(self.conv2(z[:, :, i:i + 1]), cache))
+        for i in range(x.shape[2]):
+            frames = unpatchify(fn(x[:, :, i:i + 1], cache))
             yield t, frames
             t += frames.shape[2]
 
@@ -183,40 +191,50 @@ class Wan22VAE(nn.Module):
                output_device: torch.device | str | None = None) -> torch.Tensor:
         """Normalised latent [B,z_dim,F,h,w] -> video [B,3,1+4(F-1),16h,16w] in the module's dtype.
 
-        ``tile_size``/``tile_overlap`` are in latent pixels (None or 0 = one tile). ``progress(done, total)``
-        is called after every latent frame of every tile. ``output_device`` lets the video collect in host
-        memory while the model runs on the GPU.
+        ``tile_size``/``tile_overlap`` are in latent pixels (None or 0 = no tiling). Tiling runs the decoder's
+        trunk (conv1 and the middle, whose attention spans the whole frame) on the whole latent, and only
+        the up stages, which are local, per tile; tile outputs are blended with linear ramps, so pixels farther
+        than the up stages' receptive field (13 latent pixels) from a tile's cut edge are exact.
+        ``progress(done, total)`` is called after every latent frame of every tile. ``output_device`` lets
+        the video collect in host memory while the model runs on the GPU.
         """
         c = self.config
         if latent.ndim != 5 or latent.shape[1] != c.z_dim:
             raise ValueError(f"Wan2.2 VAE decode expects a latent [B,{c.z_dim},F,h,w], got {list(latent.shape)}")
+        if tile_size and tile_overlap >= tile_size:
+            raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
         z = self.denormalize(latent.to(self.device)).to(self.dtype)
         b, _, f, h, w = z.shape
         s = c.spatial_factor
         out_dev = torch.device(output_device) if output_device is not None else z.device
-        if tile_size and tile_overlap >= tile_size:
-            raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
         ys = _spans(h, tile_size, tile_overlap) if tile_size else [(0, h)]
         xs = _spans(w, tile_size, tile_overlap) if tile_size else [(0, w)]
         single = len(ys) == len(xs) == 1
         out = (torch.empty if single else torch.zeros)(b, 3, self.num_frames(f), h * s, w * s, dtype=z.dtype,
                                                         device=out_dev)
-        wy, wx = _blend_weights(ys, s), _blend_weights(xs, s)
         total, done = len(ys) * len(xs) * (f if causal else 1), 0
-        for (y0, y1), my in zip(ys, wy):
-            for (x0, x1), mx in zip(xs, wx):
-                mask = None if single else (my[:, None] * mx[None, :]).to(out_dev, z.dtype)
-                for t0, frames in self._decode_stream(z[:, :, :, y0:y1, x0:x1], causal):
-                    frames = frames.to(out_dev)
-                    t1 = t0 + frames.shape[2]
-                    if mask is None:
-                        out[:, :, t0:t1] = frames
-                    else:
-                        out[:, :, t0:t1, y0 * s:y1 * s, x0 * s:x1 * s] += frames * mask
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        if single:
+            for t0, frames in self._stream(z, lambda x, cache: self.decoder(self.conv2(x), cache), causal):
+                out[:, :, t0:t0 + frames.shape[2]] = frames.to(out_dev)
+                del frames
+                step()
+            return out.clamp_(-1.0, 1.0) if clamp else out
+        feats = self._trunk(z, causal)
+        del z
+        for (y0, y1), my in zip(ys, _blend_weights(ys, s)):
+            for (x0, x1), mx in zip(xs, _blend_weights(xs, s)):
+                mask = (my[:, None] * mx[None, :]).to(out_dev, out.dtype)
+                for t0, frames in self._stream(feats[:, :, :, y0:y1, x0:x1], self.decoder.upsample, causal):
+                    out[:, :, t0:t0 + frames.shape[2], y0 * s:y1 * s, x0 * s:x1 * s] += frames.to(out_dev) * mask
                     del frames
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+                    step()
         return out.clamp_(-1.0, 1.0) if clamp else out
 
     # -- encode ------------------------------------------------------------------------------------------

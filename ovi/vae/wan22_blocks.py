@@ -254,9 +254,17 @@ class Decoder3d(nn.Module):
         self.head = _head(dims[-1], 12)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        return self.upsample(self.trunk(x, cache), cache)
+
+    def trunk(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """conv1 and the middle (with its frame-wide attention), at latent resolution."""
         x = self.conv1(x, cache)
         for m in self.middle:
             x = m(x, cache)
+        return x
+
+    def upsample(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """The up stages and the head: only 3x3 convs and nearest 2x steps, so spatially local."""
         for m in self.upsamples:
             x = m(x, cache)
         return _run_head(self.head, x, cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...loading import meta_device
 from ...audio.bigvgan import BigVGANConfig, bigvgan_file_shapes
 from ...audio.checkpoint import load_bigvgan, load_mmaudio_vae
 from ...audio.decoder import AudioDecoder
@@ -55,7 +56,7 @@ def run_mel(fx) -> dict:
 
 
 def manifest_vae(expected: dict) -> dict:
-    with torch.device("meta"):
+    with meta_device():
         model = MMAudioVAE(MMAudioVAEConfig.from_shapes(expected))
     return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
 
