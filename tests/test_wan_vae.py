@@ -189,8 +189,8 @@ def test_bad_files_raise_checkpoint_error(tiny_files, tmp_path):
     with pytest.raises(CheckpointError, match="wrong component"):
         load_wan_vae(other)
     wan21 = tmp_path / "wan21.pth"
-    torch.save({"conv2.weight": torch.zeros(16, 16, 1, 1, 1), "decoder.middle.0.residual.0.gamma": torch.ones(384, 1, 1, 1)},
-               wan21)
+    torch.save({"conv2.weight": torch.zeros(16, 16, 1, 1, 1),
+                "decoder.middle.0.residual.0.gamma": torch.ones(384, 1, 1, 1)}, wan21)
     with pytest.raises(CheckpointError, match="Wan2.1"):
         load_wan_vae(wan21)
     partial = tmp_path / "partial.pth"

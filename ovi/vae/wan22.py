@@ -67,8 +67,9 @@ class WanVAEConfig:
             nrb += 1
         if not stages or not nrb:
             raise KeyError("encoder.downsamples.0.downsamples.0.residual.6.weight")
-        mult = tuple(shapes[f"encoder.downsamples.{i}.downsamples.0.residual.6.weight"][0] // dim for i in range(stages))
-        tdown = tuple(f"encoder.downsamples.{i}.downsamples.{nrb}.time_conv.weight" in shapes for i in range(stages - 1))
+        stage = "encoder.downsamples.{}.downsamples.{}"
+        mult = tuple(shapes[stage.format(i, 0) + ".residual.6.weight"][0] // dim for i in range(stages))
+        tdown = tuple(stage.format(i, nrb) + ".time_conv.weight" in shapes for i in range(stages - 1))
         return cls(dim=dim, dec_dim=shapes["decoder.head.2.weight"][1], z_dim=shapes["conv2.weight"][0],
                    dim_mult=mult, num_res_blocks=nrb, temperal_downsample=tdown)
 

@@ -104,8 +104,8 @@ class Resample(nn.Module):
     def __init__(self, dim: int, mode: str):
         super().__init__()
         self.mode = mode
-        up = mode.startswith("up")
-        self.resample = nn.ModuleDict({"1": nn.Conv2d(dim, dim, 3, padding=1) if up else nn.Conv2d(dim, dim, 3, stride=2)})
+        conv = nn.Conv2d(dim, dim, 3, padding=1) if mode.startswith("up") else nn.Conv2d(dim, dim, 3, stride=2)
+        self.resample = nn.ModuleDict({"1": conv})
         if mode == "up3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
         elif mode == "down3d":
@@ -127,7 +127,8 @@ class Resample(nn.Module):
         rest = x[:, :, 1:] if head is not None else x
         if rest.shape[2]:
             b, c, t, h, w = rest.shape
-            rest = self.time_conv(rest, cache).view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            rest = self.time_conv(rest, cache).view(b, 2, c, t, h, w)
+            rest = rest.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
         return rest if head is None else (torch.cat([head, rest], 2) if rest.shape[2] else head)
 
     def _time_down(self, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
