@@ -232,7 +232,7 @@ def test_kaiser_filter_equals_the_files(parity_dir):
 def test_bigvgan_meta_build_and_hop():
     with torch.device("meta"):
         model = BigVGAN(BigVGANConfig())
-    assert model.cfg.hop == 256
+    assert model.config.hop == 256
     assert sum(k.endswith(".filter") for k in model.state_dict()) == 218
 
 

@@ -111,7 +111,7 @@ def test_fp8_scaled_layout(tiny, tok):
         assert (err[normal] <= 2.0 ** -4 * w.abs()[normal] * (1 + 1e-6)).all(), k
         assert (err[~normal] <= 2.0 ** -10 * scale * (1 + 1e-6)).all(), k
         assert err.max() > 0, k  # the file really holds rounded weights
-    assert n_fp8 == 7 * q.cfg.num_layers
+    assert n_fp8 == 7 * q.config.num_layers
     # The output is the official model's on those dequantised weights (float32 rounding only). No fixed bound
     # ties it to the bf16 output: the tiny model's unscaled attention logits turn 2^-4 weight rounding into
     # 10-35 % output changes depending on the seed, so the error is bounded where it can be proven (above).
@@ -141,7 +141,7 @@ def test_explicit_prefix_and_dtype(tiny, tmp_path):
     save_file({f"weights/{k}": v for k, v in sd.items()} | {"inputs/ids": torch.zeros(1, 3, dtype=torch.int64)}, str(p))
     m = load_umt5(p, prefix="weights/")
     assert m.token_embedding.weight.dtype == torch.bfloat16 and not m.token_embedding.weight.requires_grad
-    assert m.cfg == UMT5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2)
+    assert m.config == UMT5Config(vocab=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layers=2)
 
 
 def test_encode_trims_and_matches_full_forward(tiny, tok):

@@ -218,7 +218,7 @@ class AMPBlock(nn.Module):
 class BigVGAN(nn.Module):
     def __init__(self, cfg: BigVGANConfig = BigVGANConfig()):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         ch = cfg.upsample_initial_channel
         self.conv_pre = nn.Conv1d(cfg.num_mels, ch, 7, padding=3)
         self.ups = nn.ModuleList(
@@ -243,7 +243,7 @@ class BigVGAN(nn.Module):
 
     def features(self, mel: torch.Tensor) -> torch.Tensor:
         """Everything before ``conv_post``: [B, num_mels, T] -> [B, C_last, hop*T]."""
-        nk = len(self.cfg.resblock_kernel_sizes)
+        nk = len(self.config.resblock_kernel_sizes)
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
             x = up[0](x)

@@ -22,7 +22,7 @@ class AudioDecoder(nn.Module):
         super().__init__()
         self.vae = vae
         self.vocoder = vocoder
-        self.mel = mel if mel is not None else MelFrontend(MelConfig(num_mels=vae.cfg.data_dim))
+        self.mel = mel if mel is not None else MelFrontend(MelConfig(num_mels=vae.config.data_dim))
 
     @classmethod
     def from_files(cls, vae_path: str | os.PathLike, vocoder_path: str | os.PathLike, *, device=None,
@@ -34,11 +34,11 @@ class AudioDecoder(nn.Module):
 
     @property
     def samples_per_token(self) -> int:
-        return self.vae.cfg.downsample * self.vocoder.cfg.hop
+        return self.vae.config.downsample * self.vocoder.config.hop
 
     def channels_first(self, latent: torch.Tensor) -> torch.Tensor:
         """[L, C], [B, L, C] or [B, C, L] -> [B, C, L]. A square [B, C, C] is read as channels-first."""
-        c = self.vae.cfg.embed_dim
+        c = self.vae.config.embed_dim
         if latent.ndim == 2:
             latent = latent.unsqueeze(0)
         if latent.ndim != 3 or c not in latent.shape[1:]:

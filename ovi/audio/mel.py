@@ -76,14 +76,14 @@ class MelFrontend(nn.Module):
 
     def __init__(self, cfg: MelConfig = MelConfig()):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         basis = slaney_mel_basis(cfg.sampling_rate, cfg.n_fft, cfg.num_mels, cfg.fmin, cfg.fmax).to("cpu")
         self.register_buffer("mel_basis", basis, persistent=False)
         self.register_buffer("hann_window", torch.hann_window(cfg.win_size, periodic=True, dtype=torch.float32,
                                                               device="cpu"), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
+        c = self.config
         if wav.abs().max() > 1:
             log.debug("mel front-end: waveform peaks at %.3f, clamping to [-1, 1]", float(wav.abs().max()))
         x = wav.to(device=self.mel_basis.device, dtype=torch.float32).clamp(-1.0, 1.0)

@@ -204,7 +204,7 @@ class _Mid(nn.Module):
 class Encoder1D(nn.Module):
     def __init__(self, cfg: MMAudioVAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.learnable_gain = nn.Parameter(torch.empty(()), requires_grad=False)
         h, k = cfg.hidden_dim, cfg.kernel_size
         self.conv_in = MPConv1D(cfg.data_dim, h, k)
@@ -225,7 +225,7 @@ class Encoder1D(nn.Module):
         self.conv_out = MPConv1D(cin, 2 * cfg.embed_dim, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        clip = self.cfg.clip_act
+        clip = self.config.clip_act
         h = self.conv_in(x)
         for level in self.down:
             h = level.run(h, clip)
@@ -238,7 +238,7 @@ class Encoder1D(nn.Module):
 class Decoder1D(nn.Module):
     def __init__(self, cfg: MMAudioVAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.learnable_gain = nn.Parameter(torch.empty(()), requires_grad=False)
         h, k = cfg.hidden_dim, cfg.kernel_size
         cin = h * cfg.ch_mult[-1]
@@ -260,7 +260,7 @@ class Decoder1D(nn.Module):
         self.conv_out = MPConv1D(cin, cfg.data_dim, k)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        clip = self.cfg.clip_act
+        clip = self.config.clip_act
         h = self.mid(self.conv_in(z), clip)
         for level in reversed(self.up):
             h = level.run(h, clip)
@@ -274,7 +274,7 @@ class MMAudioVAE(nn.Module):
 
     def __init__(self, cfg: MMAudioVAEConfig = MMAudioVAEConfig(), *, encoder: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.register_buffer("data_mean", torch.empty(1, cfg.data_dim, 1))
         self.register_buffer("data_std", torch.empty(1, cfg.data_dim, 1))
         if encoder:
@@ -307,4 +307,4 @@ class MMAudioVAE(nn.Module):
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """Posterior mean [B, embed_dim, T/downsample]."""
-        return self.encode_moments(mel)[:, : self.cfg.embed_dim]
+        return self.encode_moments(mel)[:, : self.config.embed_dim]

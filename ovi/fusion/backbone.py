@@ -68,6 +68,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_fn = attention  # replaced by FusionModel.set_attention
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -77,7 +78,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(_heads(self.norm_q(self.q(x)), n), rope)
         k = apply_rope(_heads(self.norm_k(self.k(x)), n), rope)
         v = _heads(self.v(x), n)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(self.attn_fn(q, k, v).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -90,6 +91,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_fn = attention  # replaced by FusionModel.set_attention
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
@@ -102,10 +104,10 @@ class CrossAttention(nn.Module):
                 other_rope: Rope) -> torch.Tensor:
         n = self.num_heads
         q = _heads(self.norm_q(self.q(x)), n)
-        out = attention(q, _heads(self.norm_k(self.k(context)), n), _heads(self.v(context), n))
+        out = self.attn_fn(q, _heads(self.norm_k(self.k(context)), n), _heads(self.v(context), n))
         t = self.pre_attn_norm_fusion(other)
         k_t = apply_rope(_heads(self.norm_k_fusion(self.k_fusion(t)), n), other_rope)
-        out = out + attention(apply_rope(q, rope), k_t, _heads(self.v_fusion(t), n))
+        out = out + self.attn_fn(apply_rope(q, rope), k_t, _heads(self.v_fusion(t), n))
         return self.o(out.flatten(2))
 
 

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backbone import Backbone, Block
+from ..attention import attention
+from .backbone import Backbone, Block, CrossAttention, SelfAttention
 from .config import FusionConfig
 from .rope import Rope, audio_rope, video_rope
 
@@ -45,6 +46,15 @@ class FusionModel(nn.Module):
         self.audio_model = Backbone(config.audio)
         # Set by the loader to the dtype activations run in; defaults to the parameters' dtype.
         self.compute_dtype: torch.dtype | None = None
+        self.attn_fn = attention
+
+    def set_attention(self, fn) -> None:
+        """Route every attention of both backbones through ``fn(q, k, v)`` on [B, L, H, D] tensors, e.g. an
+        ``ovi.attention.Attention`` from ``make_attention``; the default is plain sdpa."""
+        self.attn_fn = fn
+        for m in self.modules():
+            if isinstance(m, (SelfAttention, CrossAttention)):
+                m.attn_fn = fn
 
     @property
     def num_layers(self) -> int:

@@ -162,7 +162,7 @@ class UMT5Encoder(nn.Module):
 
     def __init__(self, cfg: UMT5Config):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.eps)
@@ -174,7 +174,7 @@ class UMT5Encoder(nn.Module):
         table = self._buckets.get(key)
         if table is None:
             pos = torch.arange(length, device=device)
-            table = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_dist)
+            table = relative_position_bucket(pos[None, :] - pos[:, None], self.config.num_buckets, self.config.max_dist)
             self._buckets[key] = table
         return table
 

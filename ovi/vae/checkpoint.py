@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..loading import CheckpointError, CheckpointReader, TensorSource, check_keys, load_into_module
+from ..loading import CheckpointError, CheckpointReader, TensorSource, check_keys, load_into_module, meta_device
 from ..log import log
 from .wan22 import Wan22VAE, WanVAEConfig
 
@@ -39,7 +39,7 @@ def _strip_wrapper(sources: dict[str, TensorSource]) -> dict[str, TensorSource]:
 
 
 def _expected_shapes(cfg: WanVAEConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with meta_device():
         m = Wan22VAE(cfg)
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
@@ -61,7 +61,7 @@ def load_wan_vae(path: str | os.PathLike, *, prefix: str = "", device: torch.dev
             except (KeyError, IndexError):
                 check_keys("wan22_vae", path, _expected_shapes(WanVAEConfig()), sources)
                 raise CheckpointError(path, "not a Wan2.2 VAE state dict.")
-        with torch.device("meta"):
+        with meta_device():
             model = Wan22VAE(config)
         load_into_module(model, sources, path=path, component="wan22_vae", device=device, dtype=dtype)
     log.debug("Wan2.2 VAE loaded from %s (dim %d, dec_dim %d, %s)", path, config.dim, config.dec_dim, dtype)

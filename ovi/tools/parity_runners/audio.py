@@ -34,7 +34,7 @@ def run_vae_decode(fx) -> dict:
 
 def run_vae_encode(fx) -> dict:
     vae = _vae(fx, fx.config)
-    mel = MelFrontend(_mel_cfg(fx.config.get("mel", {}), vae.cfg.data_dim))(fx.inputs["waveform"])
+    mel = MelFrontend(_mel_cfg(fx.config.get("mel", {}), vae.config.data_dim))(fx.inputs["waveform"])
     return {"mel": mel, "latent_mean": vae.encode(mel)}
 
 

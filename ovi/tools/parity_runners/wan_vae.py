@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...loading import meta_device
 from ...vae.checkpoint import ANCHOR, comfy_to_official, load_wan_vae
 from ...vae.wan22 import Wan22VAE, WanVAEConfig
 
@@ -29,7 +30,7 @@ def _encode(fx) -> dict:
 
 
 def _meta_shapes(expected: dict) -> dict:
-    with torch.device("meta"):
+    with meta_device():
         m = Wan22VAE(WanVAEConfig.from_shapes(expected))
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
@@ -47,7 +48,7 @@ def _keymap(mapping: dict) -> list[str]:
 
 
 def _full_shapes() -> dict:
-    with torch.device("meta"):
+    with meta_device():
         m = Wan22VAE(WanVAEConfig())
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 

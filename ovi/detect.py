@@ -1,0 +1,324 @@
+"""What a checkpoint file is, judged from its contents: component, layout, format, dtype / quantisation, variant.
+
+The 720x720 and 960x960 fusion checkpoints have identical shapes, so the variant is resolved in a fixed order:
+the ``ovi.variant`` header metadata of files we write, then the file name (official names, the names other
+Ovi packs rename them to, a resolution tag in a user's own name), then the caller's explicit choice. A choice
+that contradicts the metadata or an exact known name is an error; nothing falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .loading import FP8_DTYPES, GGUF_MAGIC, KNOWN_COMPONENTS, CheckpointError, CheckpointReader
+from .log import log
+from .variants import VARIANTS, Variant, get_variant, known_file
+
+VARIANT_METADATA_KEY = "ovi.variant"
+CONFIG_METADATA_KEY = "ovi.config"
+
+DESCRIPTIONS = {**{k: v[0] for k, v in KNOWN_COMPONENTS.items()},
+                "fusion_video": "the video branch of an Ovi fusion model (split checkpoint)",
+                "fusion_audio": "the audio branch of an Ovi fusion model (split checkpoint)",
+                "tokenizer": "a sentencepiece tokenizer model (umT5 spiece.model)",
+                "unknown": "not a component Ovi uses"}
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+for _d in FP8_DTYPES:
+    _DTYPE_NAMES[_d] = str(_d).removeprefix("torch.").replace("float8", "fp8")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: Path
+    component: str            # a KNOWN_COMPONENTS key, "fusion_audio", "tokenizer" or "unknown"
+    layout: str
+    format: str               # "safetensors", "torch", "gguf" or "sentencepiece"
+    dtype: str                # dominant floating dtype, e.g. "bf16" or "bf16 (+ fp32 3%)"
+    quantization: str | None  # "fp8_e4m3fn scaled", "Q4_K", ... or None
+    tensor_count: int
+    file_bytes: int
+    tensor_bytes: int
+    metadata: dict = field(default_factory=dict)
+    variant: str | None = None
+    variant_source: str | None = None
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS.get(self.component, self.component)
+
+    @property
+    def is_fusion(self) -> bool:
+        return self.component.startswith("fusion")
+
+
+@dataclass(frozen=True)
+class VariantChoice:
+    variant: Variant
+    source: str   # "metadata", "name" or "explicit choice"
+    detail: str   # where exactly: the metadata key, the kind of name, the file
+
+
+def _dtype_summary(nbytes: dict[torch.dtype, int]) -> str:
+    floats = {d: n for d, n in nbytes.items() if d.is_floating_point}
+    if not floats:
+        return "-" if not nbytes else "/".join(sorted(str(d).removeprefix("torch.") for d in nbytes))
+    total = sum(floats.values())
+    ranked = sorted(floats.items(), key=lambda kv: -kv[1])
+    main = _DTYPE_NAMES.get(ranked[0][0], str(ranked[0][0]).removeprefix("torch."))
+    rest = [f"{_DTYPE_NAMES.get(d, str(d).removeprefix('torch.'))} {100 * n / total:.0f}%" for d, n in ranked[1:]
+            if n / total >= 0.01]
+    return main + (f" (+ {', '.join(rest)})" if rest else "")
+
+
+def _strip_to_anchor(keys: Sequence[str]) -> list[str]:
+    """Keys with a shared wrapper prefix (``model.diffusion_model.``) removed, so the anchors match."""
+    anchors = [a for _, (_, group) in KNOWN_COMPONENTS.items() for a in group]
+    keyset = set(keys)
+    if any(a in keyset for a in anchors):
+        return list(keys)
+    for k in keys:
+        for a in anchors:
+            if k.endswith("." + a):
+                p = k[: -len(a)]
+                if all(x.startswith(p) for x in keys):
+                    return [x[len(p):] for x in keys]
+    return list(keys)
+
+
+def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """(component, layout) from key names and shapes."""
+    stripped = _strip_to_anchor(keys)
+    keyset = set(stripped)
+    prefixed = len(stripped) and stripped[0] != keys[0]
+    wrap = " inside a wrapper prefix" if prefixed else ""
+    if any(k.startswith("video_model.") for k in keyset) and any(k.startswith("audio_model.") for k in keyset):
+        return "fusion", "single file, both branches (official layout)" + wrap
+    if "blocks.0.cross_attn.k_fusion.weight" in keyset:
+        by_key = dict(zip(stripped, keys))
+        rank = len(shapes.get(by_key.get("patch_embedding.weight", ""), ()))
+        if rank == 5:
+            return "fusion_video", "split checkpoint, video branch (keys without video_model.)" + wrap
+        return "fusion_audio", "split checkpoint, audio branch (keys without audio_model.)" + wrap
+    if "token_embedding.weight" in keyset:
+        return "umt5", "official (models_t5_umt5-xxl-enc-bf16.pth names)" + wrap
+    if "encoder.final_layer_norm.weight" in keyset or "shared.weight" in keyset:
+        scaled = " scaled fp8" if "scaled_fp8" in keyset else ""
+        return "umt5", f"ComfyUI / transformers names{scaled}" + (", tokenizer embedded" if "spiece_model" in keyset
+                                                                   else "") + wrap
+    found = None
+    for name, (_, anchors) in KNOWN_COMPONENTS.items():
+        if any(a in keyset for a in anchors):
+            found = name
+            break
+    if found == "wan22_vae":
+        z = shapes.get(dict(zip(stripped, keys)).get("conv2.weight", ""), (0,))[0]
+        return found, f"official / Comfy-Org names, {z}-channel latent" + wrap
+    if found == "bigvgan":
+        wn = "weight norm unfolded" if any(k.endswith(("weight_g", "original0")) for k in keyset) else "folded"
+        return found, f"generator state dict ({wn})" + wrap
+    if found is not None:
+        return found, "official names" + wrap
+    return "unknown", "unrecognised key layout"
+
+
+def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[torch.dtype, int], str | None, dict]:
+    try:
+        import gguf
+    except ImportError as e:
+        raise CheckpointError(path, "this is a GGUF file; reading it needs the 'gguf' package (pip install gguf)") from e
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e}); it is corrupt or truncated.") from e
+    keys, shapes, kinds, nbytes = [], {}, {}, {}
+    plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for t in reader.tensors:
+        keys.append(t.name)
+        shapes[t.name] = tuple(int(d) for d in reversed(list(t.shape)))
+        kind = t.tensor_type.name
+        kinds[kind] = kinds.get(kind, 0) + int(t.n_bytes)
+        if kind in plain:
+            nbytes[plain[kind]] = nbytes.get(plain[kind], 0) + int(t.n_bytes)
+    quant = sorted((k for k in kinds if k not in plain), key=lambda k: -kinds[k])
+    meta = {}
+    for name, f in reader.fields.items():
+        if name.startswith("general.") and f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            meta[name] = bytes(f.parts[-1]).decode("utf-8", "replace")
+    return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta
+
+
+def inspect_file(path: str | os.PathLike) -> FileInfo:
+    """Read a checkpoint's header (tensors are not loaded) and say what it is. Raises ``CheckpointError`` for a
+    missing, truncated or unreadable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(p, "file not found.")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if p.name == "spiece.model" or p.suffix == ".model":
+        return _inspect_spiece(p, size)
+    if head[:4] == GGUF_MAGIC:
+        keys, shapes, nbytes, quant, meta = _gguf_info(p)
+        fmt = "gguf"
+        dtype_bytes = nbytes
+    else:
+        with CheckpointReader(p, entry=("generator", "module")) as r:
+            sources = r.sources()
+            meta = dict(r.metadata)
+            fmt = "safetensors" if r._handle is not None else "torch"
+        keys = list(sources)
+        shapes = {k: tuple(s.shape) for k, s in sources.items()}
+        dtype_bytes: dict[torch.dtype, int] = {}
+        for s in sources.values():
+            n = 1
+            for d in s.shape:
+                n *= int(d)
+            dtype_bytes[s.dtype] = dtype_bytes.get(s.dtype, 0) + n * torch.empty((), dtype=s.dtype).element_size()
+        quant = None
+        fp8 = [d for d in dtype_bytes if d in FP8_DTYPES]
+        if fp8:
+            scaled = any(k.endswith(("scale_weight", ".scale")) for k in keys) or "scaled_fp8" in keys
+            quant = "/".join(_DTYPE_NAMES[d] for d in fp8) + (" scaled" if scaled else " (plain casts, no scales)")
+    if not keys:
+        raise CheckpointError(p, "the file holds no tensors.")
+    component, layout = _component(keys, shapes)
+    if CONFIG_METADATA_KEY in meta and component.startswith("fusion"):
+        layout += "; config in header metadata (converted by this package)"
+    info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),
+                    quantization=quant, tensor_count=len(keys), file_bytes=size,
+                    tensor_bytes=sum(dtype_bytes.values()), metadata=meta)
+    if info.is_fusion:
+        try:
+            choice = resolve_variant([p], metadata=[meta])
+            info = _replace(info, variant=choice.variant.name, variant_source=f"{choice.source} ({choice.detail})")
+        except ValueError:
+            info = _replace(info, variant=None, variant_source="unknown: neither header metadata nor file name "
+                                                               "says; give the variant explicitly")
+    return info
+
+
+def _replace(info: FileInfo, **kw) -> FileInfo:
+    from dataclasses import replace
+
+    return replace(info, **kw)
+
+
+def _inspect_spiece(p: Path, size: int) -> FileInfo:
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(p.read_bytes())
+        pieces = sp.get_piece_size()
+    except Exception as e:
+        raise CheckpointError(p, f"not a sentencepiece model ({type(e).__name__}: {e}).") from e
+    return FileInfo(path=p, component="tokenizer", layout=f"sentencepiece, {pieces} pieces", format="sentencepiece",
+                    dtype="-", quantization=None, tensor_count=0, file_bytes=size, tensor_bytes=0)
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > path.stat().st_size:
+                return {}
+            header = json.loads(f.read(n))
+        return dict(header.get("__metadata__") or {})
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+def resolve_variant(paths: Iterable[str | os.PathLike], explicit: str | None = None, *,
+                    metadata: Sequence[dict] | None = None) -> VariantChoice:
+    """The variant of a fusion checkpoint (one file or a split pair): metadata, then file name, then ``explicit``.
+
+    Raises ValueError when ``explicit`` is not a variant, when it contradicts the header metadata or an exact
+    known file name, or when nothing identifies the variant (the message lists the choices).
+    """
+    paths = [Path(p) for p in paths]
+    metas = list(metadata) if metadata is not None else [_read_meta(p) for p in paths]
+    choices = ", ".join(VARIANTS)
+    want = get_variant(explicit) if explicit else None  # ValueError listing the choices for a bad name
+
+    tagged = {(p, m[VARIANT_METADATA_KEY]) for p, m in zip(paths, metas) if m.get(VARIANT_METADATA_KEY)}
+    names = {v for _, v in tagged}
+    if len(names) > 1:
+        raise ValueError("the fusion files disagree about their variant (" +
+                         ", ".join(f"{p.name}: {v}" for p, v in sorted(tagged)) + "); give matching files")
+    if names:
+        path, name = next(iter(tagged))
+        try:
+            v = get_variant(name)
+        except ValueError:
+            raise CheckpointError(path, f"header metadata {VARIANT_METADATA_KEY}={name!r} is not a known variant "
+                                        f"({choices}).") from None
+        if want is not None and want.name != v.name:
+            raise ValueError(f"variant {want.name!r} was asked for, but {path.name} says it holds {v.name!r} (header "
+                             f"metadata {VARIANT_METADATA_KEY}, written when the file was made). Drop the variant "
+                             f"choice or choose {v.name!r}.")
+        return VariantChoice(v, "metadata", f"header {VARIANT_METADATA_KEY} of {path.name}")
+
+    known = [(p, k) for p in paths if (k := known_file(p)) is not None]
+    by_name = {k.variant for _, k in known}
+    if len(by_name) > 1:
+        raise ValueError("the fusion file names point at different variants (" +
+                         ", ".join(f"{p.name}: {k.variant}" for p, k in known) + "); give matching files")
+    if known:
+        path, k = known[0]
+        exact = not k.best_effort
+        detail = (f"{k.source} file name {path.name}" if exact else
+                  f"{path.name}, matched {'by its resolution tag' if k.source == 'name pattern' else 'as a ' + k.source + ' name'}")
+        if want is not None and want.name != k.variant:
+            if exact:
+                raise ValueError(f"variant {want.name!r} was asked for, but {path.name} is the {k.source} name of "
+                                 f"the {k.variant} checkpoint. If the file was renamed, give it a neutral name; "
+                                 f"otherwise choose {k.variant!r}.")
+            log.warning("variant %s chosen explicitly; the file name %s suggested %s", want.name, path.name, k.variant)
+            return VariantChoice(want, "explicit choice", f"overrides the name guess {k.variant}")
+        return VariantChoice(VARIANTS[k.variant], "name", detail)
+
+    if want is not None:
+        return VariantChoice(want, "explicit choice", "the file name and metadata do not say")
+    shown = " + ".join(p.name for p in paths)
+    raise ValueError(f"cannot tell which Ovi variant {shown} is: the 720x720 and 960x960 checkpoints have identical "
+                     f"shapes, and neither header metadata nor a known file name identifies it. Choose the variant "
+                     f"explicitly: one of {choices}.")
+
+
+def describe_variant(choice: VariantChoice, dtype: str, nbytes: int) -> str:
+    """The one-line summary the engine logs, e.g. ``variant 960x960_10s (10 s, 960x960 area, 61 video latent
+    frames, 314 audio tokens), bf16, 23.3 GB, from name``."""
+    v = choice.variant
+    side = int(round(v.target_area ** 0.5))
+    area = f"{side}x{side}" if side * side == v.target_area else f"{v.target_area} px"
+    return (f"variant {v.name} ({v.duration_s} s, {area} area, {v.video_latent_length} video latent frames, "
+            f"{v.audio_latent_length} audio tokens), {dtype}, {nbytes / 1e9:.1f} GB, from {choice.source}")
+
+
+def format_info(info: FileInfo) -> str:
+    """Human-readable lines for ``python -m ovi info``."""
+    rows = [("file", str(info.path)), ("component", f"{info.component}: {info.description}"),
+            ("layout", info.layout)]
+    if info.is_fusion:
+        rows.append(("variant", f"{info.variant} (from {info.variant_source})" if info.variant
+                     else f"? ({info.variant_source})"))
+    rows += [("format", info.format), ("dtype", info.dtype)]
+    if info.quantization:
+        rows.append(("quantization", info.quantization))
+    rows += [("size", f"{info.file_bytes / 1e9:.3f} GB ({info.file_bytes:,} bytes; tensors {info.tensor_bytes:,})"),
+             ("tensors", str(info.tensor_count))]
+    extra = sorted(k for k in info.metadata if k not in (CONFIG_METADATA_KEY, "format"))
+    if extra:
+        rows.append(("metadata", ", ".join(f"{k}={info.metadata[k]}" for k in extra)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
