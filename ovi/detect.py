@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -45,7 +46,9 @@ class FileInfo:
     tensor_count: int
     file_bytes: int
     tensor_bytes: int
+    numel: int = 0
     metadata: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict, repr=False)  # {key: shape}, for size estimates
     variant: str | None = None
     variant_source: str | None = None
 
@@ -109,7 +112,7 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
     if "token_embedding.weight" in keyset:
         return "umt5", "official (models_t5_umt5-xxl-enc-bf16.pth names)" + wrap
     if "encoder.final_layer_norm.weight" in keyset or "shared.weight" in keyset:
-        scaled = " scaled fp8" if "scaled_fp8" in keyset else ""
+        scaled = ", scaled fp8" if "scaled_fp8" in keyset else ""
         return "umt5", f"ComfyUI / transformers names{scaled}" + (", tokenizer embedded" if "spiece_model" in keyset
                                                                    else "") + wrap
     found = None
@@ -128,7 +131,8 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
     return "unknown", "unrecognised key layout"
 
 
-def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[torch.dtype, int], str | None, dict]:
+def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[torch.dtype, int], str | None, dict,
+                                    int]:
     try:
         import gguf
     except ImportError as e:
@@ -151,7 +155,7 @@ def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[
     for name, f in reader.fields.items():
         if name.startswith("general.") and f.types and f.types[0] == gguf.GGUFValueType.STRING:
             meta[name] = bytes(f.parts[-1]).decode("utf-8", "replace")
-    return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta
+    return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta, sum(kinds.values())
 
 
 def inspect_file(path: str | os.PathLike) -> FileInfo:
@@ -166,27 +170,28 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     if p.name == "spiece.model" or p.suffix == ".model":
         return _inspect_spiece(p, size)
     if head[:4] == GGUF_MAGIC:
-        keys, shapes, nbytes, quant, meta = _gguf_info(p)
+        keys, shapes, dtype_bytes, quant, meta, data_bytes = _gguf_info(p)
+        numel = sum(_prod(s) for s in shapes.values())
         fmt = "gguf"
-        dtype_bytes = nbytes
     else:
         with CheckpointReader(p, entry=("generator", "module")) as r:
             sources = r.sources()
             meta = dict(r.metadata)
-            fmt = "safetensors" if r._handle is not None else "torch"
+        fmt = _container(p, head)
         keys = list(sources)
         shapes = {k: tuple(s.shape) for k, s in sources.items()}
         dtype_bytes: dict[torch.dtype, int] = {}
+        numel = 0
         for s in sources.values():
-            n = 1
-            for d in s.shape:
-                n *= int(d)
+            n = _prod(s.shape)
+            numel += n
             dtype_bytes[s.dtype] = dtype_bytes.get(s.dtype, 0) + n * torch.empty((), dtype=s.dtype).element_size()
         quant = None
         fp8 = [d for d in dtype_bytes if d in FP8_DTYPES]
         if fp8:
             scaled = any(k.endswith(("scale_weight", ".scale")) for k in keys) or "scaled_fp8" in keys
             quant = "/".join(_DTYPE_NAMES[d] for d in fp8) + (" scaled" if scaled else " (plain casts, no scales)")
+        data_bytes = sum(dtype_bytes.values())
     if not keys:
         raise CheckpointError(p, "the file holds no tensors.")
     component, layout = _component(keys, shapes)
@@ -194,21 +199,30 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         layout += "; config in header metadata (converted by this package)"
     info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),
                     quantization=quant, tensor_count=len(keys), file_bytes=size,
-                    tensor_bytes=sum(dtype_bytes.values()), metadata=meta)
+                    tensor_bytes=data_bytes, numel=numel, metadata=meta, shapes=shapes)
     if info.is_fusion:
         try:
             choice = resolve_variant([p], metadata=[meta])
-            info = _replace(info, variant=choice.variant.name, variant_source=f"{choice.source} ({choice.detail})")
+            info = replace(info, variant=choice.variant.name, variant_source=f"{choice.source} ({choice.detail})")
         except ValueError:
-            info = _replace(info, variant=None, variant_source="unknown: neither header metadata nor file name "
+            info = replace(info, variant=None, variant_source="unknown: neither header metadata nor file name "
                                                                "says; give the variant explicitly")
     return info
 
 
-def _replace(info: FileInfo, **kw) -> FileInfo:
-    from dataclasses import replace
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
-    return replace(info, **kw)
+
+def _container(p: Path, head: bytes) -> str:
+    # The same test CheckpointReader uses to pick its reader.
+    torch_suffix = p.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt")
+    if p.suffix.lower() == ".safetensors" or (len(head) == 8 and not torch_suffix and not zipfile.is_zipfile(p)):
+        return "safetensors"
+    return "torch"
 
 
 def _inspect_spiece(p: Path, size: int) -> FileInfo:
@@ -305,17 +319,24 @@ def describe_variant(choice: VariantChoice, dtype: str, nbytes: int) -> str:
             f"{v.audio_latent_length} audio tokens), {dtype}, {nbytes / 1e9:.1f} GB, from {choice.source}")
 
 
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_info(info: FileInfo) -> str:
     """Human-readable lines for ``python -m ovi info``."""
     rows = [("file", str(info.path)), ("component", f"{info.component}: {info.description}"),
             ("layout", info.layout)]
     if info.is_fusion:
-        rows.append(("variant", f"{info.variant} (from {info.variant_source})" if info.variant
+        rows.append(("variant", f"{info.variant}, from {info.variant_source}" if info.variant
                      else f"? ({info.variant_source})"))
     rows += [("format", info.format), ("dtype", info.dtype)]
     if info.quantization:
         rows.append(("quantization", info.quantization))
-    rows += [("size", f"{info.file_bytes / 1e9:.3f} GB ({info.file_bytes:,} bytes; tensors {info.tensor_bytes:,})"),
+    rows += [("size", f"{human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes; tensor data {info.tensor_bytes:,})"),
              ("tensors", str(info.tensor_count))]
     extra = sorted(k for k in info.metadata if k not in (CONFIG_METADATA_KEY, "format"))
     if extra:

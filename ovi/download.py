@@ -4,8 +4,8 @@ The layout is the official downloader's (`<dest>/Ovi/`, `<dest>/Wan2.2-TI2V-5B/`
 filled by either tool works with the other. huggingface_hub is imported inside the functions: the node pack must
 import without it.
 
-Why not `hf_hub_download`: since huggingface_hub 1.x it downloads into a per-process temporary file and deletes it
-when the transfer fails, so an interrupted 23 GB fusion checkpoint starts again from zero. Here each file streams
+Why not `hf_hub_download`: in huggingface_hub 2.4 it downloads into a per-process temporary file and deletes it when
+the transfer fails, so an interrupted 23 GB fusion checkpoint would start again from zero. Here each file streams
 into `<file>.<etag>.incomplete` beside its target through the hub's own `http_get` (Range requests, retries,
 progress bars); a rerun continues from the bytes already on disk, and the etag in the name keeps a partial file
 of an older upload from being extended with bytes of a newer one.
@@ -130,10 +130,13 @@ def _listed_size(sibling) -> int | None:
 
 
 def _require_online() -> None:
-    from huggingface_hub import constants
+    try:
+        from huggingface_hub import constants
+    except ImportError as e:
+        raise DownloadError("downloading needs huggingface_hub: pip install 'huggingface_hub>=0.20'") from e
 
     if constants.HF_HUB_OFFLINE:
-        raise DownloadError("HF_HUB_OFFLINE is set, so the hub cannot be reached: unset it (or set it to 0) to download")
+        raise DownloadError("HF_HUB_OFFLINE is set, so the hub cannot be reached: unset it (or set it to 0)")
 
 
 def resolve_plan(
@@ -350,7 +353,7 @@ def describe_plan(
     for rf in files:
         path = rf.local_path(dest)
         if rf.item.is_pattern and rf.path == rf.item.pattern:
-            state = "not listed"
+            state = "folder, files unknown"
         elif not path.is_file():
             state = "missing"
         elif rf.size is None or path.stat().st_size == rf.size:
@@ -376,9 +379,8 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return add_download_arguments(
-        argparse.ArgumentParser(prog="python -m ovi download", description="Download the checkpoints of one Ovi variant.")
-    )
+    parser = argparse.ArgumentParser(prog="python -m ovi download", description="Fetch one Ovi variant's checkpoints.")
+    return add_download_arguments(parser)
 
 
 def _ensure_console_logging() -> None:
@@ -392,7 +394,7 @@ def _ensure_console_logging() -> None:
 
 
 def main_download(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
-    """CLI entry: 0 on success, 1 when a download fails, 2 for a bad variant choice."""
+    """CLI entry: 0 on success, 1 when a download fails, 2 for a bad variant choice, 130 when interrupted."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     _ensure_console_logging()
     variant, fp8 = getattr(args, "variant", None), bool(getattr(args, "fp8", False))
@@ -412,4 +414,6 @@ def main_download(argv: Sequence[str] | argparse.Namespace | None = None) -> int
     except DownloadError as e:
         log.error(str(e))
         return 1
+    except KeyboardInterrupt:
+        return 130  # the partial file stays; the interrupted download already said how to resume
     return 0

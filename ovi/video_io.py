@@ -78,14 +78,15 @@ def frames_from_vae(video: Any) -> np.ndarray:
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"frames_from_vae expects [3,T,H,W] or [1,3,T,H,W], got {tuple(video.shape)}")
     if not isinstance(video, torch.Tensor):
-        video = torch.from_numpy(np.asarray(video))
+        video = torch.from_numpy(np.ascontiguousarray(video))
     t = video.shape[1]
     out = np.empty((t, video.shape[2], video.shape[3], 3), dtype=np.uint8)
+    dst = torch.from_numpy(out)
     step = 8
     for i in range(0, t, step):
-        x = video[:, i:i + step].to(torch.float32).clamp(-1.0, 1.0)
-        x = (x + 1.0) / 2.0 * 255.0
-        out[i:i + step] = x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        x = video[:, i:i + step].to(torch.float32).clamp(-1.0, 1.0)  # clamp makes a copy: in-place is safe
+        x = x.add_(1.0).div_(2.0).mul_(255.0).to(torch.uint8)
+        dst[i:i + step].copy_(x.permute(1, 2, 3, 0))
     return out
 
 

@@ -11,8 +11,9 @@ It answers exactly what `ovi.download` makes huggingface_hub 2.4.0 ask (read fro
   `Range: bytes=N-` answered 206 + `Content-Range`, or 416 past the end.
 
 Faults, each keyed by "repo/path": `drop_after[key] = n` cuts the connection after n body bytes of the next GET of
-that file (once); `fail_next[key] = k` answers 503 to its next k GETs; `size_offset[key] = d` makes the listing and
-the HEAD announce d bytes more than what is served. Every request is recorded in `hits`.
+that file (once); `fail_next[key] = k` answers 503 to its next k GETs after that; `size_offset[key] = d` makes the
+listing and the HEAD announce d bytes more than what is served; a key in `no_range` gets whole-file 200 answers to
+Range requests, as from a proxy that drops the header. Every request is recorded in `hits`.
 
 The servers stop at `stop()` (or leaving the `with` block), and by themselves after `lifetime_s` at the latest.
 """
@@ -25,6 +26,7 @@ import re
 import socket
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -36,11 +38,11 @@ LOOPBACK = "127.0.0.1"
 class HubFile:
     data: bytes
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def blob_id(self) -> str:  # git's object id, what the hub sends as the ETag of a non-LFS file
         return hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
 
@@ -63,12 +65,13 @@ class Hit:
 
 class FakeHub:
     def __init__(self, repos: dict[str, dict[str, bytes]], *, lifetime_s: float = 120.0):
-        self.repos = {repo: {path: HubFile(bytes(data)) for path, data in files.items()} for repo, files in repos.items()}
+        self.repos = {repo: {path: HubFile(bytes(d)) for path, d in files.items()} for repo, files in repos.items()}
         self.commits = {repo: hashlib.sha1(f"commit of {repo}".encode()).hexdigest() for repo in repos}
         self.hits: list[Hit] = []
         self.drop_after: dict[str, int] = {}
         self.fail_next: dict[str, int] = {}
         self.size_offset: dict[str, int] = {}
+        self.no_range: set[str] = set()
         self.lifetime_s = lifetime_s
         self._lock = threading.Lock()
         self._servers: dict[str, tuple[ThreadingHTTPServer, threading.Thread]] = {}
@@ -110,6 +113,7 @@ class FakeHub:
             self.drop_after.clear()
             self.fail_next.clear()
             self.size_offset.clear()
+            self.no_range.clear()
 
     # addresses and what happened
     def _url(self, role: str) -> str:
@@ -138,11 +142,12 @@ class FakeHub:
 
     def _take_fault(self, key: str) -> tuple[bool, int | None]:
         with self._lock:
-            fail = self.fail_next.get(key, 0) > 0
-            if fail:
+            if key in self.drop_after:  # a pending cut comes first, then the 503s
+                return False, self.drop_after.pop(key)
+            if self.fail_next.get(key, 0) > 0:
                 self.fail_next[key] -= 1
                 return True, None
-            return False, self.drop_after.pop(key, None)
+            return False, None
 
 
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*")
@@ -152,6 +157,11 @@ def _handler_for(hub: FakeHub, role: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the real hub; every response carries its length
         timeout = 10  # an idle kept-alive connection ends its thread after this
+
+        def setup(self) -> None:
+            super().setup()
+            # headers and body go out in separate writes: without this, Nagle + delayed ACK stall each response
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, *args) -> None:
             pass
@@ -274,7 +284,7 @@ def _handler_for(hub: FakeHub, role: str) -> type[BaseHTTPRequestHandler]:
             data, status = f.data, 200
             headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             wanted = self.headers.get("Range")
-            if wanted:
+            if wanted and key not in hub.no_range:
                 m = _RANGE.fullmatch(wanted)
                 start = int(m.group(1)) if m else len(data)
                 if start >= len(data):

@@ -127,9 +127,12 @@ def test_interrupted_write_keeps_old_file(tmp_path):
         if i == 10:
             raise KeyboardInterrupt
 
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
     with pytest.raises(KeyboardInterrupt):
         write_mp4(target, _blocks(), _noise(), progress=stop)
     assert target.read_bytes() == b"previous"
+    if fds is not None:  # the audio pipe and ffmpeg's stdin/stderr are all closed again
+        assert len(os.listdir("/proc/self/fd")) == len(fds)
     assert os.listdir(tmp_path) == ["keep.mp4"]
 
 

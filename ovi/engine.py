@@ -1,0 +1,828 @@
+"""The Ovi engine: one explicit object that loads the components, generates video + audio latents and decodes them.
+
+    engine = OviEngine.from_dir("ckpts", variant="960x960_10s")
+    result = engine.generate("A cat plays the piano. Audio: soft piano", seed=100)
+    clip = engine.decode(result)
+    engine.save_mp4(clip, "cat.mp4")
+
+Memory modes (``EngineOptions.memory_mode``):
+
+* ``all_gpu``: every component resident on the device. After diffusion the fusion model and the text encoder
+  are released (no reference left, weights freed, allocator defragmented), so the VAE decode gets the memory
+  they held; the next ``generate`` brings them back from a pinned host copy when RAM allows, else from the
+  memory-mapped file.
+* ``offload``: components live in host RAM (pinned when possible) and a device copy exists only for its phase.
+* ``block_swap``: the fusion model stays in pinned host memory and a layer swapper (``ovi/block_swap.py``, or
+  ``EngineOptions.block_swapper``) keeps ``block_swap`` fused layers resident and streams the rest; the other
+  components behave as in ``offload``.
+* ``auto``: picks one of the above from the free device memory and the variant, and logs why.
+
+A swapper implements ``attach(model, device) -> model`` (called with the host-resident fusion model before
+diffusion; returns the model to run, whose ``prepare``/``finish`` weights are on the device),
+``run(model, state, skip)`` (runs every fused layer except ``skip`` on ``state`` in order, through
+``model.forward_layer``) and ``detach()`` (frees its device copies after diffusion or an interrupt).
+
+Frame size: ``size=(H, W)`` (or ``"HxW"``) is used exactly and must be a multiple of 32 on both sides;
+``height``/``width`` or ``aspect="h:w"`` are requests that go through the official rescale to the variant's
+area and snap to multiples of 32, and the size chosen is logged. With an image (I2AV) and no ``size`` the image
+is prepared as the official code does, at the variant's area; with ``size`` it is resized to exactly that.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import memory
+from .attention import BACKENDS as ATTENTION_BACKENDS
+from .attention import make_attention
+from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, resolve_variant
+from .log import log
+from .sampling.loop import Interrupted, sample
+from .sampling.schedules import make_schedule
+from .sizes import area_warning, t2v_frame_size
+from .variants import KNOWN_FILES, VARIANTS, Variant, get_variant
+
+MEMORY_MODES = ("auto", "all_gpu", "offload", "block_swap")
+DEFAULT_SEED = 100  # the official generate() default
+Progress = Callable[[int, int], None]
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).strip().lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use bf16, fp16 or fp32") from None
+
+
+class MissingComponentError(FileNotFoundError):
+    """A component file the engine needs is not where it was looked for."""
+
+
+class DecodeInterrupted(Interrupted):
+    def __init__(self, step: int, total: int):
+        self.step, self.total = step, total
+        Exception.__init__(self, f"decoding interrupted at {step}/{total}")
+
+
+@dataclass
+class EngineOptions:
+    variant: str | None = None               # needed only when neither metadata nor the file name says
+    device: str | torch.device | None = None  # None: the accelerator if there is one, else the CPU
+    dtype: str | torch.dtype | None = None     # fusion + text compute dtype; None: bf16 on a GPU, fp32 on the CPU
+    memory_mode: str = "auto"
+    block_swap: int = 0                        # block_swap mode: fused layers kept resident on the device
+    block_swapper: Any = None                  # a swapper object (see the module doc); default ovi.block_swap
+    attention: str = "auto"
+    vae_dtype: str | torch.dtype = torch.float32
+    audio_dtype: str | torch.dtype = torch.float32
+    tile_size: int | None = None               # decode defaults (latent pixels; None/0 = no tiling)
+    tile_overlap: int | None = None
+    cpu_copy: bool | None = None               # keep host copies to reload from; None: when RAM allows
+
+    def __post_init__(self):
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {self.memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}")
+        if isinstance(self.block_swap, bool) or int(self.block_swap) != self.block_swap or self.block_swap < 0:
+            raise ValueError(f"block_swap must be a layer count >= 0, got {self.block_swap!r}")
+        if self.block_swap and self.memory_mode not in ("auto", "block_swap"):
+            raise ValueError(f"block_swap={self.block_swap} needs memory_mode 'block_swap' (or 'auto'), "
+                             f"not {self.memory_mode!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.variant is not None:
+            get_variant(self.variant)
+        self.dtype = parse_dtype(self.dtype)
+        self.vae_dtype = parse_dtype(self.vae_dtype)
+        self.audio_dtype = parse_dtype(self.audio_dtype)
+
+
+@dataclass
+class GenerationResult:
+    video_latent: torch.Tensor    # [48, F, h, w] float32, on the CPU
+    audio_latent: torch.Tensor    # [L, 20] float32, on the CPU
+    height: int                   # frame size in pixels
+    width: int
+    variant: str
+    seed: int
+    mode: str                     # "t2av" or "i2av"
+    prompt: str                   # the positive prompt as encoded (after the variant's formatter)
+    settings: dict = field(default_factory=dict)
+    image_latent: torch.Tensor | None = None  # i2av: the encoded first frame [48, 1, h, w]
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class DecodedClip:
+    frames: torch.Tensor          # [T, H, W, 3] float32 in [0, 1], on the CPU
+    waveform: torch.Tensor        # [N] float32 in [-1, 1], on the CPU
+    fps: int = 24
+    sample_rate: int = 16000
+    variant: str | None = None
+    seed: int | None = None
+
+    @property
+    def video_seconds(self) -> float:
+        return self.frames.shape[0] / self.fps
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.waveform.shape[0] / self.sample_rate
+
+
+# -- frame size ----------------------------------------------------------------------------------------
+def _parse_pair(value, what: str) -> tuple[int, int]:
+    if isinstance(value, str):
+        parts = value.lower().replace("*", "x").replace(":", "x").split("x")
+    elif isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        raise ValueError(f"{what} must be (H, W) or 'HxW', got {value!r}")
+    try:
+        h, w = (int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what} must be (H, W) or 'HxW' with whole numbers, got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be positive, got {h}x{w}")
+    return h, w
+
+
+def resolve_frame_size(variant: Variant | str, *, size=None, height: int | None = None, width: int | None = None,
+                       aspect: str | None = None) -> tuple[int, int, str]:
+    """(H, W, how it was chosen) for a text-to-video request.
+
+    ``size``: used exactly; both sides must be multiples of 32. ``height``/``width`` or ``aspect`` ("h:w"): the
+    official rule, rescaled to the variant's area and snapped to multiples of 32. Nothing: the variant's
+    nominal square (720x720 -> 704x704, 960x960).
+    """
+    v = get_variant(variant)
+    given = [n for n, x in (("size", size), ("aspect", aspect)) if x is not None]
+    if height is not None or width is not None:
+        given.append("height/width")
+    if len(given) > 1:
+        raise ValueError(f"give only one of size, height/width or aspect (got {', '.join(given)})")
+    if size is not None:
+        h, w = _parse_pair(size, "size")
+        if h % 32 or w % 32:
+            nh, nw = max(32, round(h / 32) * 32), max(32, round(w / 32) * 32)
+            raise ValueError(f"size {h}x{w}: both sides must be multiples of 32 (the VAE downsamples by 16 and the "
+                             f"model patches 2x2), e.g. {nh}x{nw}. Give height/width instead to let the engine pick "
+                             "the nearest size at the variant's area.")
+        note = "as given"
+        if area_warning(h, w, v.target_area):
+            note += f"; the {v.name} model was trained near {v.target_area:,} pixels, this is {h * w:,}"
+        return h, w, note
+    if height is not None or width is not None:
+        if height is None or width is None:
+            raise ValueError("give both height and width (or size=(H, W))")
+        h, w, warn = t2v_frame_size(v, int(height), int(width))
+        note = f"requested {height}x{width}, rescaled to the {v.name} area and snapped to multiples of 32"
+        if warn:
+            log.warning("requested %sx%s is far from the %s area (%s pixels); the size is rescaled to %dx%d",
+                        height, width, v.name, f"{v.target_area:,}", h, w)
+        return h, w, note
+    if aspect is not None:
+        ah, aw = _parse_pair(aspect, "aspect")
+        h, w, _ = t2v_frame_size(v, ah, aw)
+        return h, w, f"aspect {ah}:{aw} at the {v.name} area"
+    side = int(round(math.sqrt(v.target_area)))
+    h, w, _ = t2v_frame_size(v, side, side)
+    return h, w, f"default square at the {v.name} area"
+
+
+# -- components ----------------------------------------------------------------------------------------
+def _module_tensors(module: nn.Module):
+    seen = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def _pin(module: nn.Module) -> bool:
+    """Move a host module's tensors to page-locked memory (one tensor at a time) for fast async copies."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        for t in _module_tensors(module):
+            if not t.is_pinned():
+                t.data = t.data.pin_memory()
+    except RuntimeError as e:
+        log.info("could not pin host memory (%s); copies to the device will be synchronous", e)
+        return False
+    return True
+
+
+def _clone_to(host: nn.Module, device: torch.device, dtype: torch.dtype | None, share=()) -> nn.Module:
+    """A copy of ``host`` with its tensors on ``device`` (floating ones cast to ``dtype``), sharing no storage
+    with it. The module structure is deep-copied with every tensor pre-seeded in the memo, so no host tensor
+    is ever duplicated in RAM."""
+    memo: dict[int, Any] = {id(o): o for o in share if o is not None}
+    for t in _module_tensors(host):
+        d = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
+                          non_blocking=True, copy=True)
+        memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d
+    return copy.deepcopy(host, memo)
+
+
+class _Slot:
+    """One component: how to load it from its file, an optional host copy, and the module in use (``live``)."""
+
+    def __init__(self, name: str, loader: Callable[[torch.device, torch.dtype | None], nn.Module], numel: int,
+                 host_dtype: torch.dtype | None = None):
+        self.name, self.loader, self.numel, self.host_dtype = name, loader, numel, host_dtype
+        self.host: nn.Module | None = None
+        self.host_pinned = False
+        self.live: nn.Module | None = None
+        self.live_dtype: torch.dtype | None = None
+
+    def host_bytes(self, dtype: torch.dtype | None) -> int:
+        it = torch.empty((), dtype=self.host_dtype or dtype or torch.float32).element_size()
+        return self.numel * it
+
+    def ensure_host(self, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+        if self.host is None:
+            t0 = time.perf_counter()
+            self.host = self.loader(torch.device("cpu"), self.host_dtype or dtype)
+            self.host_pinned = device.type != "cpu" and _pin(self.host)
+            log.info("%s: host copy loaded from its file in %.1f s%s", self.name, time.perf_counter() - t0,
+                     " (pinned)" if self.host_pinned else "")
+        return self.host
+
+    def acquire(self, device: torch.device, dtype: torch.dtype | None, keep_host: bool, share=()) -> nn.Module:
+        if self.live is not None and self.live_dtype == dtype:
+            return self.live
+        self.drop()
+        t0 = time.perf_counter()
+        if keep_host:
+            self.ensure_host(device, dtype)
+        if self.host is not None:
+            same = device.type == "cpu" and (dtype is None or dtype == (self.host_dtype or dtype))
+            self.live = self.host if same else _clone_to(self.host, device, dtype, share)
+            src = "host copy (shared)" if same else ("pinned host copy" if self.host_pinned else "host copy")
+        else:
+            self.live = self.loader(device, dtype)
+            src = "file (memory-mapped)"
+        self.live_dtype = dtype
+        log.info("%s on %s from the %s in %.2f s", self.name, device, src, time.perf_counter() - t0)
+        return self.live
+
+    def drop(self, device: torch.device | None = None) -> bool:
+        """Forget the device module, freeing its weights unless it is the host copy itself."""
+        live, self.live, self.live_dtype = self.live, None, None
+        if live is None:
+            return False
+        if live is not self.host:
+            live.to("meta")  # frees the weights even if something outside the engine kept the module
+        del live
+        return True
+
+    def forget(self) -> None:
+        self.drop()
+        self.host = None
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+_DIR_LAYOUT = {
+    "text_encoder": ("Wan2.2-TI2V-5B/models_t5_umt5-xxl-enc-bf16.pth", "text_encoders/umt5_xxl_fp16.safetensors",
+                     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "tokenizer": ("Wan2.2-TI2V-5B/google/umt5-xxl",),
+    "video_vae": ("Wan2.2-TI2V-5B/Wan2.2_VAE.pth", "vae/wan2.2_vae.safetensors"),
+    "audio_vae": ("MMAudio/ext_weights/v1-16.pth",),
+    "vocoder": ("MMAudio/ext_weights/best_netG.pt",),
+}
+_COMPONENT_WORDS = {"fusion": "fusion model (Ovi/model*.safetensors)", "text_encoder": "umT5 text encoder",
+                    "tokenizer": "umT5 tokenizer", "video_vae": "Wan2.2 video VAE", "audio_vae": "MMAudio VAE",
+                    "vocoder": "BigVGAN vocoder"}
+
+
+def _find_fusion(root: Path, variant: str | None) -> tuple[Path | None, list[Path]]:
+    """(the fusion file for ``variant`` under root/Ovi, the paths looked at)."""
+    folder = root / "Ovi"
+    names = [f for f in KNOWN_FILES if not f.fp8 and f.part == "full" and not f.name.endswith(".gguf")]
+    if variant is not None:
+        names = [f for f in names if f.variant == get_variant(variant).name]
+    tried = [folder / f.name for f in names]
+    present = [p for p in tried if p.is_file()]
+    if variant is None and len({p for p in present}) > 1:
+        raise ValueError(f"{folder} holds several Ovi models ({', '.join(p.name for p in present)}); choose one with "
+                         f"variant= (or --variant): {', '.join(VARIANTS)}")
+    return (present[0] if present else None), tried
+
+
+class OviEngine:
+    def __init__(self, fusion: str | os.PathLike | Sequence[str | os.PathLike], text_encoder: str | os.PathLike,
+                 tokenizer: str | os.PathLike | None = None, video_vae: str | os.PathLike | None = None,
+                 audio_vae: str | os.PathLike | None = None, vocoder: str | os.PathLike | None = None, *,
+                 options: EngineOptions | None = None, **option_kw):
+        if options is not None and option_kw:
+            raise TypeError("give either options= or option keywords, not both")
+        self.options = opts = options or _make_options(option_kw)
+        fusion_paths = [Path(fusion)] if isinstance(fusion, (str, os.PathLike)) else [Path(p) for p in fusion]
+        given = {"fusion": fusion_paths, "text_encoder": [text_encoder], "video_vae": [video_vae],
+                 "audio_vae": [audio_vae], "vocoder": [vocoder]}
+        missing = [f"{_COMPONENT_WORDS[k]}: " + (", ".join(str(p) for p in ps if p is not None) + " does not exist"
+                                                 if any(p is not None for p in ps) else "no path given")
+                   for k, ps in given.items() if not ps or any(p is None or not Path(p).exists() for p in ps)]
+        if tokenizer is not None and not Path(tokenizer).exists():
+            missing.append(f"{_COMPONENT_WORDS['tokenizer']}: {tokenizer} does not exist")
+        if missing:
+            raise MissingComponentError("missing Ovi components:\n  " + "\n  ".join(missing))
+        self.paths = {"fusion": fusion_paths, "text_encoder": Path(text_encoder),
+                      "tokenizer": Path(tokenizer) if tokenizer is not None else None, "video_vae": Path(video_vae),
+                      "audio_vae": Path(audio_vae), "vocoder": Path(vocoder)}
+
+        self.device = memory.pick_device(opts.device)
+        self.dtype = opts.dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.fusion_info: list[FileInfo] = [inspect_file(p) for p in fusion_paths]
+        bad = [i for i in self.fusion_info if not i.is_fusion]
+        if bad:
+            from .loading import CheckpointError
+
+            raise CheckpointError(bad[0].path, f"given as the fusion model, but it is {bad[0].description}.")
+        self.variant_choice: VariantChoice = resolve_variant(fusion_paths, opts.variant,
+                                                             metadata=[i.metadata for i in self.fusion_info])
+        self.variant: Variant = self.variant_choice.variant
+        fusion_bytes = sum(i.file_bytes for i in self.fusion_info)
+        log.info(describe_variant(self.variant_choice, self.fusion_info[0].dtype, fusion_bytes))
+
+        infos = {k: inspect_file(self.paths[k]) for k in ("text_encoder", "video_vae", "audio_vae", "vocoder")}
+        self._infos = infos
+        self.report = memory.MemoryReport(self.device)
+        self._attention = make_attention(opts.attention, self.device, self.dtype)
+        self._tokenizer = None
+        self._slots = {
+            "fusion": _Slot("fusion model", self._load_fusion, sum(i.numel for i in self.fusion_info)),
+            "text_encoder": _Slot("text encoder", self._load_text, infos["text_encoder"].numel),
+            "video_vae": _Slot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
+            "audio": _Slot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
+                           torch.float32),
+        }
+        self.memory_mode, self.resident_layers, why = self._choose_mode()
+        log.info("memory mode %s%s on %s: %s", self.memory_mode,
+                 f" ({self.resident_layers} layers resident)" if self.memory_mode == "block_swap" else "",
+                 memory.device_description(self.device), why)
+        self._swapper = self._make_swapper() if self.memory_mode == "block_swap" else None
+        self._runner = None  # the swapper while a block-swapped diffusion runs
+
+    # -- construction helpers ------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, models_dir: str | os.PathLike, **options) -> "OviEngine":
+        """An engine over the official download tree: ``Ovi/``, ``Wan2.2-TI2V-5B/``, ``MMAudio/ext_weights/``
+        (ComfyUI-style ``text_encoders/`` and ``vae/`` copies are accepted as fallbacks)."""
+        root = Path(models_dir)
+        opts = _make_options(options)
+        if not root.is_dir():
+            raise MissingComponentError(f"models folder {root} does not exist. Download the files with "
+                                        f"`python -m ovi download --variant {opts.variant or '960x960_10s'} "
+                                        f"--dest {root}`.")
+        found, missing = {}, []
+        fusion, tried = _find_fusion(root, opts.variant)
+        if fusion is None:
+            missing.append(f"{_COMPONENT_WORDS['fusion']}: looked for {', '.join(str(p) for p in tried)}")
+        found["fusion"] = fusion
+        for key, rels in _DIR_LAYOUT.items():
+            hit = next((root / r for r in rels if (root / r).exists()), None)
+            if hit is None and key != "tokenizer":  # the tokenizer may ride inside a ComfyUI text-encoder file
+                missing.append(f"{_COMPONENT_WORDS[key]}: looked for {', '.join(str(root / r) for r in rels)}")
+            found[key] = hit
+        if missing:
+            raise MissingComponentError(
+                f"missing Ovi components under {root}:\n  " + "\n  ".join(missing) +
+                f"\nDownload them with `python -m ovi download --variant {opts.variant or '<variant>'} --dest {root}`.")
+        return cls(found["fusion"], found["text_encoder"], found["tokenizer"], found["video_vae"],
+                   found["audio_vae"], found["vocoder"], options=opts)
+
+    def _load_fusion(self, device, dtype):
+        from .fusion.checkpoint import load_fusion_model
+
+        paths = self.paths["fusion"]
+        return load_fusion_model(paths[0] if len(paths) == 1 else paths, device=device, dtype=dtype)
+
+    def _load_text(self, device, dtype):
+        from .text.checkpoint import load_umt5
+
+        return load_umt5(self.paths["text_encoder"], device=device, dtype=dtype)
+
+    def _load_video_vae(self, device, dtype):
+        from .vae.checkpoint import load_wan_vae
+
+        return load_wan_vae(self.paths["video_vae"], device=device, dtype=dtype or torch.float32)
+
+    def _load_audio(self, device, dtype):
+        from .audio.decoder import AudioDecoder
+
+        return AudioDecoder.from_files(self.paths["audio_vae"], self.paths["vocoder"], device=device, dtype=dtype)
+
+    def _tokenizer_get(self):
+        if self._tokenizer is None:
+            from .text.checkpoint import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.paths["tokenizer"], checkpoint=self.paths["text_encoder"])
+        return self._tokenizer
+
+    def _fusion_numbers(self) -> tuple[int, int, int, int, int]:
+        """(numel per fused layer, numel outside the layers, layers, dim, ffn_dim) from the header shapes."""
+        per_layer: dict[int, int] = {}
+        other = dim = ffn = 0
+        for info in self.fusion_info:
+            for key, shape in info.shapes.items():
+                n = math.prod(shape)
+                parts = key.split(".")
+                if "blocks" in parts and parts.index("blocks") + 1 < len(parts):
+                    i = int(parts[parts.index("blocks") + 1])
+                    per_layer[i] = per_layer.get(i, 0) + n
+                    if key.endswith("blocks.0.ffn.0.weight"):
+                        ffn = shape[0]
+                else:
+                    other += n
+                    if key.endswith("patch_embedding.weight"):
+                        dim = shape[0]
+        layers = len(per_layer)
+        return (max(per_layer.values()) if per_layer else 0), other, layers, dim, ffn
+
+    def _activation_bytes(self) -> int:
+        """A rough activation peak of one forward at the variant's area: the token streams, the FFN hidden state
+        and attention working buffers of the widest layer (flash/memory-efficient kernels, no L x L matrix)."""
+        _, _, _, dim, ffn = self._fusion_numbers()
+        v = self.variant
+        tokens = v.video_latent_length * v.target_area // (32 * 32) + v.audio_latent_length
+        it = torch.empty((), dtype=self.dtype).element_size()
+        return int(tokens * (ffn + 12 * dim) * it * 1.5)
+
+    def _choose_mode(self) -> tuple[str, int, str]:
+        o = self.options
+        mode = o.memory_mode
+        if mode == "auto" and o.block_swap:
+            return "block_swap", o.block_swap, f"block_swap={o.block_swap} was given"
+        if mode != "auto":
+            return mode, o.block_swap, "chosen in the options"
+        if self.device.type == "cpu":
+            return "all_gpu", 0, "the device is the CPU, so every component stays in host memory"
+        info = memory.device_free(self.device)
+        if info is None:
+            return "all_gpu", 0, "free memory of this device is unknown; keeping everything resident"
+        free = info[0]
+        budget = 0.92 * free
+        gib = lambda n: f"{n / memory.GiB:.1f} GiB"  # noqa: E731
+        it = torch.empty((), dtype=self.dtype).element_size()
+        fusion = self._slots["fusion"].numel * it
+        rest = (self._slots["text_encoder"].numel * it + self._slots["video_vae"].numel * 4
+                + self._slots["audio"].numel * 4)
+        act = self._activation_bytes()
+        if fusion + rest + act <= budget:
+            return "all_gpu", 0, (f"all components ({gib(fusion + rest)}) and activations (~{gib(act)}) fit in "
+                                  f"{gib(free)} free")
+        if fusion + act <= budget:
+            return "offload", 0, (f"the fusion model ({gib(fusion)}) and activations (~{gib(act)}) fit in "
+                                  f"{gib(free)} free, but not with the other components ({gib(rest)})")
+        layer, other, layers, _, _ = self._fusion_numbers()
+        # two layers in flight for the prefetch, besides the resident ones
+        n = int((budget - act - (other + 2 * layer) * it) // max(layer * it, 1))
+        n = max(0, min(layers - 1, n))
+        return "block_swap", n, (f"the fusion model ({gib(fusion)}) does not fit in {gib(free)} free with "
+                                 f"activations (~{gib(act)}); {n} of {layers} layers stay resident")
+
+    def _make_swapper(self):
+        if self.options.block_swapper is not None:
+            return self.options.block_swapper
+        try:
+            from .block_swap import BlockSwapper
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.block_swap":
+                raise
+            if self.device.type == "cpu":
+                log.info("block_swap on the CPU: the layers already live in host memory and run in place")
+                return None
+            raise RuntimeError("memory mode block_swap needs ovi/block_swap.py, which this install lacks; use "
+                               "memory_mode='offload'") from None
+        return BlockSwapper(resident=self.resident_layers)
+
+    # -- component access ------------------------------------------------------------------------------
+    def _keep_host(self, slot: str) -> bool:
+        if self.options.cpu_copy is not None:
+            return self.options.cpu_copy
+        if self.memory_mode == "all_gpu":
+            if slot not in ("fusion", "text_encoder") or self.device.type == "cpu":
+                return False
+        elif self.device.type == "cpu":
+            return True  # the host copy is the module itself: no second copy
+        s = self._slots[slot]
+        fits = memory.host_fits(s.host_bytes(self.dtype))
+        if not fits:
+            log.info("%s: not enough free RAM for a host copy; it will be read from its file each time", s.name)
+        return fits
+
+    def _acquire(self, slot: str, dtype: torch.dtype | None = None) -> nn.Module:
+        s = self._slots[slot]
+        return s.acquire(self.device, dtype or self.dtype, self._keep_host(slot), share=(self._attention,))
+
+    def _drop(self, *slots: str) -> None:
+        for name in slots:
+            self._slots[name].drop()
+
+    @property
+    def fusion_model(self) -> nn.Module | None:
+        """The fusion model currently on the device (None while released)."""
+        return self._slots["fusion"].live
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self._slots["text_encoder"].live
+
+    def load(self) -> None:
+        """Load what the memory mode keeps ready (all_gpu: everything on the device; otherwise host copies)."""
+        with self.report.phase("load"):
+            self._load_phase(i2v=True)
+
+    def _load_phase(self, i2v: bool) -> None:
+        self._tokenizer_get()
+        if self.memory_mode == "all_gpu":
+            for name in ("text_encoder", "fusion"):
+                self._acquire(name)
+            self._acquire("video_vae", self.options.vae_dtype)
+            self._acquire("audio", self.options.audio_dtype)
+            return
+        for name in ("text_encoder", "fusion", "video_vae", "audio"):
+            if name == "fusion" and self.memory_mode == "block_swap":
+                self._slots[name].ensure_host(self.device, self.dtype)
+            elif self._keep_host(name):
+                self._slots[name].ensure_host(self.device, self.dtype)
+
+    def unload(self) -> None:
+        """Drop every component (device and host copies)."""
+        for s in self._slots.values():
+            s.forget()
+        memory.defragment(self.device)
+
+    def close(self) -> None:
+        self.unload()
+
+    def __enter__(self) -> "OviEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def memory_report(self) -> memory.MemoryReport:
+        """The per-phase memory table of the last generate + decode (``str()`` / ``.table()`` formats it)."""
+        return self.report
+
+    # -- the fusion forward (the one place a layer runner plugs in) -------------------------------------------
+    def _fusion_forward(self, model, video, audio, t, video_ctx, audio_ctx, first_frame_is_clean: bool,
+                        slg_layer: int):
+        state = model.prepare(video, audio, t, video_ctx, audio_ctx, first_frame_is_clean=first_frame_is_clean)
+        skip = slg_layer if 0 < slg_layer < model.num_layers else None
+        if self._runner is not None:
+            self._runner.run(model, state, skip)
+        else:
+            for i in range(model.num_layers):
+                if i != skip:
+                    model.forward_layer(i, state)
+        return model.finish(state)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, image=None, video_negative_prompt: str = "", audio_negative_prompt: str = "",
+                 size=None, height: int | None = None, width: int | None = None, aspect: str | None = None,
+                 seed: int = DEFAULT_SEED, steps: int = 50, solver: str = "unipc", shift: float = 5.0,
+                 video_guidance: float = 4.0, audio_guidance: float = 3.0, slg_layer: int = 11,
+                 noise: tuple[torch.Tensor, torch.Tensor] | None = None, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        """Video and audio latents for ``prompt`` (T2AV), or with ``image`` as the first frame (I2AV).
+
+        ``noise=(video [48, F, h, w], audio [L, 20])`` replaces the seeded initial noise. ``progress(step,
+        total)`` runs after every denoising step; ``should_stop()`` is checked before every step and raises
+        ``Interrupted``, after which the engine is ready for the next call.
+        """
+        from .text.prompts import format_prompt
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty; describe the video (speech in <S>...<E>, sound after 'Audio:')")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be a whole number in [0, 2^63), got {seed!r}")
+        make_schedule(solver, steps, shift)  # bad solver/steps/shift fail here, before anything loads
+        for name, g in (("video_guidance", video_guidance), ("audio_guidance", audio_guidance)):
+            if not isinstance(g, (int, float)) or not math.isfinite(g):
+                raise ValueError(f"{name} must be a finite number, got {g!r}")
+        v = self.variant
+        i2v = image is not None
+        image_px = None
+        if i2v:
+            image_px = self._prepare_image(image, size)  # unreadable images fail before loading
+            h, w = image_px.shape[-2:]
+            how = "exact size" if size is not None else f"image prepared at the {v.name} area"
+        elif noise is not None and size is None and height is None and width is None and aspect is None:
+            h, w, how = noise[0].shape[-2] * 16, noise[0].shape[-1] * 16, "from the given noise"
+        else:
+            h, w, how = resolve_frame_size(v, size=size, height=height, width=width, aspect=aspect)
+        shape_v = (v.video_latent_channels, v.video_latent_length, h // 16, w // 16)
+        shape_a = (v.audio_latent_length, v.audio_latent_channels)
+        if noise is not None:
+            nv, na = noise
+            if tuple(nv.shape) != shape_v or tuple(na.shape) != shape_a:
+                raise ValueError(f"noise shapes {list(nv.shape)}, {list(na.shape)} do not match {v.name} at {h}x{w}: "
+                                 f"video {list(shape_v)}, audio {list(shape_a)}")
+        log.info("%s %dx%d (%s), %d frames + %.2f s audio, seed %d, %d %s steps", "I2AV" if i2v else "T2AV", h, w,
+                 how, v.video_frames, v.audio_samples / v.sample_rate, seed, steps, solver)
+
+        self.report.clear()
+        t_start = time.perf_counter()
+        with self.report.phase("load"):
+            self._load_phase(i2v)
+
+        with self.report.phase("encode text"):
+            text = self._acquire("text_encoder")
+            positive, _ = format_prompt(v.name, prompt)
+            ids, mask = self._tokenizer_get()([positive, video_negative_prompt, audio_negative_prompt])
+            pos, vneg, aneg = (c.to(self.dtype) for c in text.encode(ids, mask))
+            del text
+            if self.memory_mode != "all_gpu":
+                self._drop("text_encoder")
+
+        image_latent = None
+        if i2v:
+            with self.report.phase("encode image"):
+                vae = self._acquire("video_vae", self.options.vae_dtype)
+                image_latent = vae.encode(image_px[:, :, None].to(self.device, vae.dtype))[0].float()
+                del vae
+                if self.memory_mode != "all_gpu":
+                    self._drop("video_vae")
+
+        try:
+            with self.report.phase("diffusion"):
+                video, audio = self._diffuse(v, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent,
+                                             steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
+                                             audio_guidance=audio_guidance, slg_layer=slg_layer, progress=progress,
+                                             should_stop=should_stop)
+        finally:
+            del pos, vneg, aneg
+        with self.report.phase("release"):
+            if self.memory_mode == "all_gpu":
+                self._drop("fusion", "text_encoder")
+                log.info("released the fusion model and the text encoder for decoding")
+            memory.defragment(self.device)
+
+        timings = {r.phase: r.seconds for r in self.report.rows}
+        timings["total"] = time.perf_counter() - t_start
+        return GenerationResult(
+            video_latent=video.cpu(), audio_latent=audio.cpu(), height=h, width=w, variant=v.name, seed=seed,
+            mode="i2av" if i2v else "t2av", prompt=positive,
+            settings=dict(steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
+                          audio_guidance=audio_guidance, slg_layer=slg_layer,
+                          video_negative_prompt=video_negative_prompt, audio_negative_prompt=audio_negative_prompt),
+            image_latent=None if image_latent is None else image_latent.cpu(), timings=timings)
+
+    def _prepare_image(self, image, size) -> torch.Tensor:
+        """[1, 3, H, W] in [-1, 1]: the official preprocessing at the variant's area, or exactly ``size``."""
+        from .image import preprocess_image, resize_bicubic
+
+        if size is None:
+            return preprocess_image(image, self.variant.target_area)
+        h, w, _ = resolve_frame_size(self.variant, size=size)
+        from .image import _to_hwc_uint8  # the same reading and 8-bit mapping as preprocess_image, another size
+
+        x = (_to_hwc_uint8(image).permute(2, 0, 1).to(torch.float32) / 255.0) * 2 - 1
+        if tuple(x.shape[-2:]) != (h, w):
+            x = resize_bicubic(x, (h, w))
+        return x[None].contiguous()
+
+    def _noise(self, shape_v, shape_a, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # One generator per modality, both seeded with the same seed, drawn on the device: the official order.
+        gv = torch.Generator(device=self.device).manual_seed(seed)
+        video = torch.randn(shape_v, generator=gv, device=self.device, dtype=torch.float32)
+        ga = torch.Generator(device=self.device).manual_seed(seed)
+        audio = torch.randn(shape_a, generator=ga, device=self.device, dtype=torch.float32)
+        return video, audio
+
+    def _diffuse(self, v: Variant, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent, *, steps, solver,
+                 shift, video_guidance, audio_guidance, slg_layer, progress, should_stop):
+        slot = self._slots["fusion"]
+        if self.memory_mode == "block_swap":
+            host = slot.ensure_host(self.device, self.dtype)
+            if self._swapper is not None:
+                model = self._swapper.attach(host, self.device)
+                self._runner = self._swapper
+            else:
+                model = host
+        else:
+            model = self._acquire("fusion")
+        try:
+            if hasattr(model, "set_attention"):
+                model.set_attention(self._attention)
+            want = model.config.video.text_dim
+            if pos.shape[-1] != want:
+                raise ValueError(f"the text encoder gives {pos.shape[-1]}-wide embeddings but the fusion model expects "
+                                 f"{want}: the two files do not belong together")
+            if noise is not None:
+                video_noise, audio_noise = (n.to(self.device, torch.float32) for n in noise)
+            else:
+                video_noise, audio_noise = self._noise(shape_v, shape_a, seed)
+
+            def model_fn(video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg):
+                return self._fusion_forward(model, video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg)
+
+            callback = None
+            if progress is not None:
+                def callback(i, total, *_):
+                    progress(i + 1, total)
+
+            return sample(model_fn, video_noise, audio_noise, pos_ctx=pos, video_neg_ctx=vneg, audio_neg_ctx=aneg,
+                          solver=solver, steps=steps, shift=shift, video_guidance=video_guidance,
+                          audio_guidance=audio_guidance, slg_layer=slg_layer, image_latent=image_latent,
+                          callback=callback, should_stop=should_stop)
+        finally:
+            del model
+            if self._runner is not None:
+                self._runner = None
+                self._swapper.detach()
+            elif self.memory_mode == "offload":
+                self._drop("fusion")
+
+    # -- decoding ------------------------------------------------------------------------------------------
+    def decode(self, result: GenerationResult, *, tile_size: int | None = None, tile_overlap: int | None = None,
+               vae_dtype: str | torch.dtype | None = None, progress: Progress | None = None,
+               should_stop: Callable[[], bool] | None = None) -> DecodedClip:
+        """Frames [T, H, W, 3] in [0, 1] and the 16 kHz waveform of ``result``, decoded on the device.
+
+        ``tile_size``/``tile_overlap`` (latent pixels; None = the engine options, 0 = no tiling) tile the video
+        decode spatially. ``vae_dtype`` defaults to float32. ``progress(done, total)`` follows the video
+        decode; ``should_stop()`` is checked there and raises ``Interrupted``.
+        """
+        vae_dtype = parse_dtype(vae_dtype) or self.options.vae_dtype
+        tile = self.options.tile_size if tile_size is None else tile_size
+        overlap = self.options.tile_overlap if tile_overlap is None else tile_overlap
+        if self.report.rows and self.report.rows[-1].phase.startswith("decode"):
+            self.report.clear()
+
+        def on_frame(done, total):
+            if should_stop is not None and should_stop():
+                raise DecodeInterrupted(done, total)
+            if progress is not None:
+                progress(done, total)
+
+        with self.report.phase("decode video"):
+            vae = self._acquire("video_vae", vae_dtype)
+            kw: dict[str, Any] = {"tile_size": tile or None, "progress": on_frame}
+            if overlap is not None:
+                kw["tile_overlap"] = overlap
+            if "output_device" in inspect.signature(vae.decode).parameters:
+                kw["output_device"] = "cpu"  # the finished frames collect in host RAM, not on the device
+            out = vae.decode(result.video_latent[None].to(self.device), **kw)
+            del vae
+            frames = torch.empty(out.shape[2], out.shape[3], out.shape[4], 3, dtype=torch.float32)
+            for i in range(0, out.shape[2], 16):
+                chunk = (out[0, :, i:i + 16].float() + 1.0) / 2.0
+                frames[i:i + 16] = chunk.clamp_(0.0, 1.0).permute(1, 2, 3, 0).cpu()
+            del out, chunk
+            if self.memory_mode != "all_gpu":
+                self._drop("video_vae")
+        with self.report.phase("decode audio"):
+            audio = self._acquire("audio", self.options.audio_dtype)
+            waveform = audio.decode(result.audio_latent[None].to(self.device))[0].float().cpu()
+            del audio
+            if self.memory_mode != "all_gpu":
+                self._drop("audio")
+            memory.defragment(self.device)
+        log.info("memory by phase:\n%s", self.report.table())
+        v = get_variant(result.variant)
+        return DecodedClip(frames=frames, waveform=waveform, fps=v.fps, sample_rate=v.sample_rate,
+                           variant=result.variant, seed=result.seed)
+
+    def save_mp4(self, clip: DecodedClip, path: str | os.PathLike, **kw) -> Path:
+        """Write ``clip`` as H.264 + AAC (``ovi.video_io.write_mp4``; keywords pass through)."""
+        try:
+            from .video_io import write_mp4
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.video_io":
+                raise
+            raise RuntimeError("writing mp4 needs ovi/video_io.py, which this install lacks") from None
+        # uint8 by truncation of (x + 1) / 2 * 255, as the official writer maps the frames
+        frames = (clip.frames * 255.0).to(torch.uint8)
+        return write_mp4(path, frames, clip.waveform, fps=clip.fps, sample_rate=clip.sample_rate, **kw)
+
+
+def _make_options(kw: dict) -> EngineOptions:
+    names = {f.name for f in fields(EngineOptions)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; options are {', '.join(sorted(names))}")
+    return EngineOptions(**kw)
+
+
+__all__ = ["OviEngine", "EngineOptions", "GenerationResult", "DecodedClip", "MissingComponentError",
+           "DecodeInterrupted", "Interrupted", "resolve_frame_size", "MEMORY_MODES"]
