@@ -136,11 +136,13 @@ def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[
     try:
         import gguf
     except ImportError as e:
-        raise CheckpointError(path, "this is a GGUF file; reading it needs the 'gguf' package (pip install gguf)") from e
+        raise CheckpointError(path, "this is a GGUF file; reading it needs the 'gguf' package "
+                                    "(pip install gguf)") from e
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e}); it is corrupt or truncated.") from e
+        raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e}); it is corrupt or "
+                                    "truncated.") from e
     keys, shapes, kinds, nbytes = [], {}, {}, {}
     plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for t in reader.tensors:
@@ -290,8 +292,8 @@ def resolve_variant(paths: Iterable[str | os.PathLike], explicit: str | None = N
     if known:
         path, k = known[0]
         exact = not k.best_effort
-        detail = (f"{k.source} file name {path.name}" if exact else
-                  f"{path.name}, matched {'by its resolution tag' if k.source == 'name pattern' else 'as a ' + k.source + ' name'}")
+        how = "by its resolution tag" if k.source == "name pattern" else f"as a {k.source} name"
+        detail = f"{k.source} file name {path.name}" if exact else f"{path.name}, matched {how}"
         if want is not None and want.name != k.variant:
             if exact:
                 raise ValueError(f"variant {want.name!r} was asked for, but {path.name} is the {k.source} name of "

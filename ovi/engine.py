@@ -46,10 +46,12 @@ from . import memory
 from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import make_attention
 from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, resolve_variant
+from .loading import CheckpointError
 from .log import log
 from .sampling.loop import Interrupted, sample
 from .sampling.schedules import make_schedule
 from .sizes import area_warning, t2v_frame_size
+from .text.checkpoint import find_tokenizer_source
 from .variants import KNOWN_FILES, VARIANTS, Variant, get_variant
 
 MEMORY_MODES = ("auto", "all_gpu", "offload", "block_swap")
@@ -282,7 +284,7 @@ class _Slot:
         log.info("%s on %s from the %s in %.2f s", self.name, device, src, time.perf_counter() - t0)
         return self.live
 
-    def drop(self, device: torch.device | None = None) -> bool:
+    def drop(self) -> bool:
         """Forget the device module, freeing its weights unless it is the host copy itself."""
         live, self.live, self.live_dtype = self.live, None, None
         if live is None:
@@ -319,7 +321,7 @@ def _find_fusion(root: Path, variant: str | None) -> tuple[Path | None, list[Pat
         names = [f for f in names if f.variant == get_variant(variant).name]
     tried = [folder / f.name for f in names]
     present = [p for p in tried if p.is_file()]
-    if variant is None and len({p for p in present}) > 1:
+    if variant is None and len(present) > 1:
         raise ValueError(f"{folder} holds several Ovi models ({', '.join(p.name for p in present)}); choose one with "
                          f"variant= (or --variant): {', '.join(VARIANTS)}")
     return (present[0] if present else None), tried
@@ -347,13 +349,12 @@ class OviEngine:
                       "tokenizer": Path(tokenizer) if tokenizer is not None else None, "video_vae": Path(video_vae),
                       "audio_vae": Path(audio_vae), "vocoder": Path(vocoder)}
 
+        find_tokenizer_source(tokenizer, checkpoint=text_encoder)  # a missing tokenizer fails now, not mid-run
         self.device = memory.pick_device(opts.device)
         self.dtype = opts.dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.fusion_info: list[FileInfo] = [inspect_file(p) for p in fusion_paths]
         bad = [i for i in self.fusion_info if not i.is_fusion]
         if bad:
-            from .loading import CheckpointError
-
             raise CheckpointError(bad[0].path, f"given as the fusion model, but it is {bad[0].description}.")
         self.variant_choice: VariantChoice = resolve_variant(fusion_paths, opts.variant,
                                                              metadata=[i.metadata for i in self.fusion_info])
@@ -546,22 +547,18 @@ class OviEngine:
         return self._slots["text_encoder"].live
 
     def load(self) -> None:
-        """Load what the memory mode keeps ready (all_gpu: everything on the device; otherwise host copies)."""
+        """Load every component the way the memory mode keeps it (all_gpu: on the device; otherwise host copies).
+        ``generate`` loads what it needs by itself; the decoders otherwise load at the first ``decode``."""
         with self.report.phase("load"):
-            self._load_phase(i2v=True)
+            self._load_phase(("text_encoder", "fusion", "video_vae", "audio"))
 
-    def _load_phase(self, i2v: bool) -> None:
+    def _load_phase(self, names: Sequence[str]) -> None:
         self._tokenizer_get()
-        if self.memory_mode == "all_gpu":
-            for name in ("text_encoder", "fusion"):
-                self._acquire(name)
-            self._acquire("video_vae", self.options.vae_dtype)
-            self._acquire("audio", self.options.audio_dtype)
-            return
-        for name in ("text_encoder", "fusion", "video_vae", "audio"):
-            if name == "fusion" and self.memory_mode == "block_swap":
-                self._slots[name].ensure_host(self.device, self.dtype)
-            elif self._keep_host(name):
+        dtypes = {"video_vae": self.options.vae_dtype, "audio": self.options.audio_dtype}
+        for name in names:
+            if self.memory_mode == "all_gpu":
+                self._acquire(name, dtypes.get(name))
+            elif (name == "fusion" and self.memory_mode == "block_swap") or self._keep_host(name):
                 self._slots[name].ensure_host(self.device, self.dtype)
 
     def unload(self) -> None:
@@ -643,7 +640,7 @@ class OviEngine:
         self.report.clear()
         t_start = time.perf_counter()
         with self.report.phase("load"):
-            self._load_phase(i2v)
+            self._load_phase(("text_encoder", "fusion", "video_vae") if i2v else ("text_encoder", "fusion"))
 
         with self.report.phase("encode text"):
             text = self._acquire("text_encoder")

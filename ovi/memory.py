@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import re
 import time
 from dataclasses import dataclass

@@ -1,0 +1,229 @@
+"""Command line: ``python -m ovi generate | info | download``.
+
+    python -m ovi generate --models ckpts --variant 960x960_10s --prompt "..." --out clip.mp4
+    python -m ovi info ckpts/Ovi/model_960x960_10s.safetensors
+    python -m ovi download --variant 960x960_10s --dest ckpts
+
+Ctrl-C during ``generate`` stops after the current step (a second Ctrl-C aborts at once); the exit status is
+then 130 and no mp4 is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .log import log
+
+# The official inference config's negatives (the engine's own defaults are empty, as officially in generate()).
+VIDEO_NEGATIVE = "jitter, bad hands, blur, distortion"
+AUDIO_NEGATIVE = "robotic, muffled, echo, distorted"
+EXIT_INTERRUPTED = 130
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+        self.last_decile = -1
+        self.done = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        rate = f"{elapsed / done:.2f} s/it" if done else ""
+        width = 30
+        fill = int(width * done / max(total, 1))
+        line = f"{self.label} {done}/{total} [{'#' * fill}{'.' * (width - fill)}] {elapsed:.1f} s {rate}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            decile = int(10 * done / max(total, 1))
+            if decile == self.last_decile and done < total:
+                return
+            self.last_decile = decile
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.done = done >= total
+
+
+class _StopFlag:
+    """SIGINT handler: the first Ctrl-C asks the engine to stop at the next check, the second aborts at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.previous = None
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+    def _handler(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        sys.stderr.write("\n")
+        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .attention import BACKENDS
+    from .engine import MEMORY_MODES
+    from .sampling.schedules import SOLVERS
+    from .variants import VARIANTS
+
+    p = argparse.ArgumentParser(prog="python -m ovi", description="Ovi audio-video generation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,info,download}")
+
+    g = sub.add_parser("generate", help="generate an mp4 from a prompt (and optionally a first image)",
+                       description="Generate a video with sound. --size is used exactly (multiples of 32); "
+                                   "--aspect is rescaled to the variant's area as the official code does.")
+    g.add_argument("--models", required=True, type=Path, help="folder with Ovi/, Wan2.2-TI2V-5B/, MMAudio/")
+    g.add_argument("--prompt", required=True, help="the description; speech in <S>...<E>, sound after 'Audio:'")
+    g.add_argument("--image", type=Path, help="first frame (I2AV)")
+    g.add_argument("--variant", choices=list(VARIANTS), help="needed when the folder holds several models")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--seed", type=int, default=100)
+    g.add_argument("--solver", choices=list(SOLVERS) + ["dpmpp"], default="unipc")
+    g.add_argument("--shift", type=float, default=5.0)
+    g.add_argument("--size", metavar="HxW", help="exact frame size, both sides multiples of 32")
+    g.add_argument("--aspect", metavar="H:W", help="aspect ratio at the variant's area (official snapping)")
+    g.add_argument("--video-guidance", type=float, default=4.0)
+    g.add_argument("--audio-guidance", type=float, default=3.0)
+    g.add_argument("--slg-layer", type=int, default=11, help="fused layer skipped in the negative pass (<= 0: none)")
+    g.add_argument("--video-negative-prompt", default=VIDEO_NEGATIVE)
+    g.add_argument("--audio-negative-prompt", default=AUDIO_NEGATIVE)
+    g.add_argument("--memory-mode", choices=MEMORY_MODES, default="auto")
+    g.add_argument("--block-swap", type=int, default=0, metavar="N", help="fused layers kept resident (block_swap)")
+    g.add_argument("--attention", choices=BACKENDS, default="auto")
+    g.add_argument("--tile-size", type=int, default=None, metavar="N", help="VAE decode tile, latent pixels (0: off)")
+    g.add_argument("--tile-overlap", type=int, default=None, metavar="N")
+    g.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32")
+    g.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: the accelerator if any)")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="fusion + text compute dtype")
+    g.add_argument("--out", required=True, type=Path, help="output .mp4")
+
+    i = sub.add_parser("info", help="what a checkpoint file is: component, variant, format, dtype, size, tensors")
+    i.add_argument("files", nargs="+", type=Path)
+
+    sub.add_parser("download", help="fetch the files a variant needs (see `python -m ovi download --help`)",
+                   add_help=False)
+    return p
+
+
+def _info(files: list[Path]) -> int:
+    from .detect import format_info, inspect_file
+    from .loading import CheckpointError
+
+    rc = 0
+    for n, f in enumerate(files):
+        try:
+            text = format_info(inspect_file(f))
+        except (CheckpointError, OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        print(("\n" if n else "") + text)
+    return rc
+
+
+def _generate(a: argparse.Namespace, stop: _StopFlag) -> int:
+    from .engine import OviEngine, parse_dtype
+    from .sampling.loop import Interrupted
+
+    if a.out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must name an .mp4 file, got {a.out}")
+    if not a.out.parent.is_dir():
+        raise ValueError(f"the output folder {a.out.parent} does not exist")
+    engine = OviEngine.from_dir(a.models, variant=a.variant, device=a.device, dtype=parse_dtype(a.dtype),
+                                memory_mode=a.memory_mode, block_swap=a.block_swap, attention=a.attention,
+                                vae_dtype=a.vae_dtype, tile_size=a.tile_size, tile_overlap=a.tile_overlap)
+    if stop():
+        raise Interrupted(0, a.steps)
+    result = engine.generate(
+        a.prompt, image=a.image, video_negative_prompt=a.video_negative_prompt,
+        audio_negative_prompt=a.audio_negative_prompt, size=a.size, aspect=a.aspect, seed=a.seed, steps=a.steps,
+        solver=a.solver, shift=a.shift, video_guidance=a.video_guidance, audio_guidance=a.audio_guidance,
+        slg_layer=a.slg_layer, progress=_Bar("[Ovi] diffusion"), should_stop=stop)
+    clip = engine.decode(result, progress=_Bar("[Ovi] video decode"), should_stop=stop)
+    if stop():
+        raise Interrupted(a.steps, a.steps)
+
+    def on_write(done: int, total: int) -> None:
+        if stop():  # aborts the write; video_io leaves nothing behind
+            raise KeyboardInterrupt
+
+    engine.save_mp4(clip, a.out, progress=on_write)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = [x for x in argv if not x.startswith("-")][:1]
+    if head == ["download"]:
+        # the download command owns its own options
+        k = argv.index("download")
+        try:
+            from .download import main_download
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.download":
+                raise
+            print("error: the download command is not part of this install (ovi/download.py is missing)",
+                  file=sys.stderr)
+            return 2
+        with _logging("-v" in argv[:k] or "--verbose" in argv[:k], "-q" in argv[:k] or "--quiet" in argv[:k]):
+            return int(main_download(argv[k + 1:]) or 0)
+    a = _parser().parse_args(argv)
+    with _logging(a.verbose, a.quiet):
+        if a.command == "info":
+            return _info(a.files)
+        from .sampling.loop import Interrupted
+
+        with _StopFlag() as stop:
+            try:
+                return _generate(a, stop)
+            except (Interrupted, KeyboardInterrupt):
+                sys.stderr.write("\n")
+                log.warning("interrupted; no video written")
+                return EXIT_INTERRUPTED
+            except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+                log.debug("generate failed", exc_info=True)
+                print(f"error: {e}", file=sys.stderr)
+                return 1 if isinstance(e, RuntimeError) else 2
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool, quiet: bool):
+    """Engine log lines on stderr for the duration of one command (the logger is left as it was)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""OviEngine on the CPU with the tiny checkpoint set: generation, decoding, memory modes, release, interrupts,
+I2AV, variant detection and the errors a user can run into."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ovi import memory
+from ovi.attention import AttentionBackendError
+from ovi.detect import describe_variant, inspect_file, resolve_variant
+from ovi.engine import (EngineOptions, Interrupted, MissingComponentError, OviEngine, resolve_frame_size)
+from ovi.image import first_frame_size, resize_bicubic
+from ovi.loading import CheckpointError
+from ovi.sizes import t2v_frame_size
+from ovi.tools.make_tiny import make_tiny
+from ovi.variants import VARIANTS
+
+PROMPT = "A man walks on the beach at sunset. Audio: waves crashing and seagulls calling"
+# The tiny fusion model has 2 layers, so SLG skips layer 1 (the default 11 would skip nothing).
+GEN = dict(size=(64, 64), steps=2, seed=7, slg_layer=1, video_negative_prompt="blur",
+           audio_negative_prompt="muffled")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.getbasetemp() / "ovi_tiny_models"  # shared with test_cli in one session
+    if not (d / "tiny_manifest.json").is_file():
+        make_tiny(d, seed=0)
+    return d
+
+
+def _engine(tiny_dir: Path, variant: str = "720x720_5s", **kw) -> OviEngine:
+    return OviEngine.from_dir(tiny_dir, variant=variant, **kw)
+
+
+@pytest.fixture(scope="module")
+def run_720(tiny_dir):
+    """One all_gpu generation + decode, with weak references to the models taken while they were loaded."""
+    engine = _engine(tiny_dir, memory_mode="all_gpu")
+    engine.load()
+    refs = weakref.ref(engine.fusion_model), weakref.ref(engine.text_encoder)
+    steps = []
+    result = engine.generate(PROMPT, progress=lambda done, total: steps.append((done, total)), **GEN)
+    gc.collect()
+    dead_after_generate = [r() is None for r in refs]
+    clip = engine.decode(result)
+    gc.collect()
+    return SimpleNamespace(engine=engine, result=result, clip=clip, refs=refs, steps=steps,
+                           dead_after_generate=dead_after_generate)
+
+
+# -- generation and decoding -------------------------------------------------------------------------
+def test_generate_decode_720(run_720):
+    r, clip, v = run_720.result, run_720.clip, VARIANTS["720x720_5s"]
+    assert r.video_latent.shape == (48, 31, 4, 4) and r.video_latent.dtype == torch.float32
+    assert r.audio_latent.shape == (157, 20) and r.audio_latent.dtype == torch.float32
+    assert (r.height, r.width, r.variant, r.seed, r.mode) == (64, 64, "720x720_5s", 7, "t2av")
+    assert r.prompt.endswith("<AUDCAP>waves crashing and seagulls calling<ENDAUDCAP>")  # Ovi 1.0 caption style
+    assert torch.isfinite(r.video_latent).all() and torch.isfinite(r.audio_latent).all()
+    assert run_720.steps == [(1, 2), (2, 2)]
+    assert clip.frames.shape == (121, 64, 64, 3) == (v.video_frames, 64, 64, 3)
+    assert clip.frames.dtype == torch.float32 and 0.0 <= clip.frames.min() and clip.frames.max() <= 1.0
+    assert clip.waveform.shape == (80384,) == (v.audio_samples,) and clip.waveform.dtype == torch.float32
+    assert clip.waveform.abs().max() <= 1.0 and clip.waveform.std() > 0
+    assert (clip.fps, clip.sample_rate) == (24, 16000)
+    assert abs(clip.video_seconds - clip.audio_seconds) <= 1 / clip.fps
+
+
+def test_generate_decode_960_10s(tiny_dir):
+    engine = _engine(tiny_dir, "960x960_10s")  # auto on the CPU -> all_gpu
+    assert engine.memory_mode == "all_gpu"
+    r = engine.generate(PROMPT, **GEN)
+    assert r.video_latent.shape == (48, 61, 4, 4) and r.audio_latent.shape == (314, 20)
+    assert r.prompt.endswith("Audio: waves crashing and seagulls calling")  # Ovi 1.1 keeps "Audio:"
+    clip = engine.decode(r)
+    assert clip.frames.shape == (241, 64, 64, 3) and clip.waveform.shape == (160768,)
+    assert abs(clip.video_seconds - clip.audio_seconds) <= 1 / clip.fps
+
+
+def test_release_frees_and_decode_does_not_reload(run_720):
+    # all_gpu drops the fusion model and the text encoder after diffusion: no reference survives
+    assert run_720.dead_after_generate == [True, True]
+    assert all(ref() is None for ref in run_720.refs)
+    assert run_720.engine.fusion_model is None and run_720.engine.text_encoder is None
+    phases = [row.phase for row in run_720.engine.memory_report().rows]
+    assert phases == ["load", "encode text", "diffusion", "release", "decode video", "decode audio"]
+    table = run_720.engine.memory_report().table()
+    assert "process RSS" in table and all(p in table for p in phases)
+    assert all(row.allocated and row.peak and row.free for row in run_720.engine.memory_report().rows)
+
+
+def test_decode_interrupt(run_720):
+    frames = []
+    with pytest.raises(Interrupted, match="decoding interrupted"):
+        run_720.engine.decode(run_720.result, progress=lambda done, total: frames.append(done),
+                              should_stop=lambda: True)
+    assert frames == []  # stopped at the first latent frame, before reporting it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm device")
+def test_release_frees_device_memory(tiny_dir):
+    engine = _engine(tiny_dir, memory_mode="all_gpu", device="cuda")
+    engine.load()
+    fusion_bytes = sum(t.numel() * t.element_size() for t in engine.fusion_model.parameters())
+    refs = weakref.ref(engine.fusion_model), weakref.ref(engine.text_encoder)
+    loaded = torch.cuda.memory_allocated(engine.device)
+    result = engine.generate(PROMPT, **GEN)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert torch.cuda.memory_allocated(engine.device) <= loaded - fusion_bytes
+    engine.decode(result)
+    assert engine.fusion_model is None
+    assert torch.cuda.memory_allocated(engine.device) <= loaded - fusion_bytes
+
+
+def test_interrupt_then_same_result(run_720):
+    engine, base = run_720.engine, run_720.result
+    calls = []
+
+    def stop_after_one_step():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Interrupted) as info:
+        engine.generate(PROMPT, should_stop=stop_after_one_step, **GEN)
+    assert (info.value.step, info.value.total) == (1, 2)
+    assert engine.memory_report().rows[-1].note.startswith("stopped")
+    again = engine.generate(PROMPT, **GEN)  # reloads the released models from their files
+    assert torch.equal(again.video_latent, base.video_latent)
+    assert torch.equal(again.audio_latent, base.audio_latent)
+
+
+def test_explicit_noise_matches_seeded(run_720):
+    base = run_720.result
+    gen = torch.Generator().manual_seed(GEN["seed"])
+    video = torch.randn(48, 31, 4, 4, generator=gen)
+    audio = torch.randn(157, 20, generator=torch.Generator().manual_seed(GEN["seed"]))
+    kw = {k: v for k, v in GEN.items() if k not in ("size", "seed")}
+    r = run_720.engine.generate(PROMPT, noise=(video, audio), **kw)  # size taken from the noise
+    assert (r.height, r.width) == (64, 64)
+    assert torch.equal(r.video_latent, base.video_latent) and torch.equal(r.audio_latent, base.audio_latent)
+    with pytest.raises(ValueError, match="noise shapes"):
+        run_720.engine.generate(PROMPT, noise=(video[:, :30], audio), **GEN)
+
+
+# -- memory modes ------------------------------------------------------------------------------------------
+class RecordingSwapper:
+    """A stand-in block swapper: runs the layers in place and records what the engine asked of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attach(self, model, device):
+        self.calls.append(("attach", str(device)))
+        return model
+
+    def run(self, model, state, skip):
+        self.calls.append(("run", skip))
+        for i in range(model.num_layers):
+            if i != skip:
+                model.forward_layer(i, state)
+
+    def detach(self):
+        self.calls.append(("detach",))
+
+
+@pytest.mark.parametrize("options", [dict(memory_mode="offload"), dict(memory_mode="block_swap", block_swap=1),
+                                     dict(memory_mode="auto"), dict(memory_mode="offload", cpu_copy=False)],
+                         ids=["offload", "block_swap", "auto", "offload_no_copy"])
+def test_memory_modes_give_identical_latents(tiny_dir, run_720, options):
+    engine = _engine(tiny_dir, **options)
+    r = engine.generate(PROMPT, **GEN)
+    assert torch.equal(r.video_latent, run_720.result.video_latent)
+    assert torch.equal(r.audio_latent, run_720.result.audio_latent)
+    if engine.memory_mode != "all_gpu":
+        assert engine.fusion_model is None and engine.text_encoder is None  # device copies only for their phase
+
+
+def test_block_swap_uses_the_given_swapper(tiny_dir, run_720):
+    swapper = RecordingSwapper()
+    engine = _engine(tiny_dir, memory_mode="block_swap", block_swap=1, block_swapper=swapper)
+    assert engine.memory_mode == "block_swap" and engine.resident_layers == 1
+    r = engine.generate(PROMPT, **GEN)
+    # per step: the positive pass skips nothing, the negative pass skips the SLG layer
+    assert swapper.calls == [("attach", "cpu"), ("run", None), ("run", 1), ("run", None), ("run", 1), ("detach",)]
+    assert torch.equal(r.video_latent, run_720.result.video_latent)
+    swapper.calls.clear()
+    with pytest.raises(Interrupted):
+        engine.generate(PROMPT, should_stop=lambda: True, **GEN)
+    assert swapper.calls == [("attach", "cpu"), ("detach",)]  # detached on an interrupt too
+
+
+def test_offload_interrupt_leaves_nothing_on_device(tiny_dir):
+    engine = _engine(tiny_dir, memory_mode="offload")
+    with pytest.raises(Interrupted):
+        engine.generate(PROMPT, should_stop=lambda: True, **GEN)
+    assert engine.fusion_model is None and engine.text_encoder is None
+
+
+def test_auto_mode_policy(tiny_dir, monkeypatch):
+    """The auto choice on an accelerator, from the free memory the device reports (all sizes faked: a 30-layer
+    model of 4-byte weights, 1000 per layer, 500 outside the layers, 10 kB of activations)."""
+    e = _engine(tiny_dir)
+    layer, other, layers, _, _ = e._fusion_numbers()
+    assert (layers, 2 * layer + other) == (2, e._slots["fusion"].numel) and e._activation_bytes() > 0
+    e.device = SimpleNamespace(type="cuda")
+    monkeypatch.setattr(e, "_fusion_numbers", lambda: (1000, 500, 30, 0, 0))
+    monkeypatch.setattr(e, "_activation_bytes", lambda: 10_000)
+    for name, n in (("fusion", 30_500), ("text_encoder", 2000), ("video_vae", 1000), ("audio", 1000)):
+        e._slots[name].numel = n
+    assert e.dtype == torch.float32
+
+    def free(n):
+        monkeypatch.setattr(memory, "device_free", lambda device: (int(n), int(2 * n)))
+        return e._choose_mode()
+
+    assert free((122_000 + 16_000 + 10_000) / 0.92 + 1)[0] == "all_gpu"
+    mode, _, why = free((122_000 + 10_000) / 0.92 + 1)
+    assert mode == "offload" and "not with the other components" in why
+    mode, n, why = free((10_000 + (500 + 2 * 1000) * 4 + 5 * 4000) / 0.92 + 1)
+    assert (mode, n) == ("block_swap", 5) and "5 of 30 layers stay resident" in why
+    assert free(10_000)[:2] == ("block_swap", 0)
+    e.options.block_swap = 3
+    assert e._choose_mode()[:2] == ("block_swap", 3)
+
+
+# -- I2AV ------------------------------------------------------------------------------------------------
+def _png(path: Path, h: int, w: int, seed: int = 3) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_i2av_keeps_the_first_frame(tiny_dir, run_720, tmp_path):
+    from ovi.vae.checkpoint import load_wan_vae
+
+    img = _png(tmp_path / "first.png", 48, 80)
+    r = run_720.engine.generate(PROMPT, image=img, **GEN)
+    assert r.mode == "i2av" and (r.height, r.width) == (64, 64)
+    assert r.image_latent.shape == (48, 1, 4, 4)
+    assert torch.equal(r.video_latent[:, :1], r.image_latent)  # frame 0 is the clean image latent at the end
+    assert not torch.equal(r.video_latent, run_720.result.video_latent)
+    # the image latent is the VAE encoding of the image resized (bicubic, no crop) to exactly 64x64
+    from PIL import Image
+
+    x = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float() / 255 * 2 - 1
+    x = resize_bicubic(x, (64, 64))
+    vae = load_wan_vae(tiny_dir / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth")
+    expected = vae.encode(x[None, :, None])[0]
+    torch.testing.assert_close(r.image_latent, expected, rtol=0, atol=0)
+
+
+def test_i2av_without_size_uses_the_official_preprocessing(run_720, tmp_path):
+    img = _png(tmp_path / "wide.png", 90, 160)
+    x = run_720.engine._prepare_image(img, None)
+    assert tuple(x.shape[-2:]) == first_frame_size(90, 160, VARIANTS["720x720_5s"].target_area)
+    assert x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0
+
+
+# -- frame size ------------------------------------------------------------------------------------------
+def test_frame_size_rules():
+    assert resolve_frame_size("720x720_5s", size=(64, 96))[:2] == (64, 96)
+    assert resolve_frame_size("720x720_5s", size="96x64")[:2] == (96, 64)
+    assert resolve_frame_size("720x720_5s", height=720, width=1280)[:2] == (544, 960)  # official snapping
+    assert resolve_frame_size("960x960_10s", height=704, width=1280)[:2] == (704, 1280)
+    assert resolve_frame_size("720x720_5s")[:2] == (704, 704)
+    assert resolve_frame_size("960x960_5s")[:2] == (960, 960)
+    assert resolve_frame_size("960x960_5s", aspect="9:16")[:2] == t2v_frame_size("960x960_5s", 9, 16)[:2]
+    with pytest.raises(ValueError, match="multiples of 32.*96x64"):
+        resolve_frame_size("720x720_5s", size=(100, 64))
+    with pytest.raises(ValueError, match="only one of"):
+        resolve_frame_size("720x720_5s", size=(64, 64), height=64, width=64)
+    with pytest.raises(ValueError, match="both height and width"):
+        resolve_frame_size("720x720_5s", height=64)
+
+
+# -- bad inputs --------------------------------------------------------------------------------------------
+def test_bad_generate_inputs(run_720, tmp_path):
+    e = run_720.engine
+    with pytest.raises(ValueError, match="prompt is empty"):
+        e.generate("   ", **GEN)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        e.generate(PROMPT, **{**GEN, "size": (100, 64)})
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        e.generate(PROMPT, image=bad, **GEN)
+    with pytest.raises(FileNotFoundError):
+        e.generate(PROMPT, image=tmp_path / "absent.png", **GEN)
+    with pytest.raises(ValueError, match="unknown solver"):
+        e.generate(PROMPT, **{**GEN, "steps": 2}, solver="heun")
+    with pytest.raises(ValueError, match="seed"):
+        e.generate(PROMPT, **{**GEN, "seed": -1})
+
+
+def _mirror(src: Path, dst: Path, skip: str) -> Path:
+    """A models folder that links to ``src`` but lacks the top-level entry ``skip``."""
+    dst.mkdir()
+    for child in src.iterdir():
+        if child.name != skip:
+            (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+    return dst
+
+
+def test_missing_components(tiny_dir, tmp_path):
+    with pytest.raises(MissingComponentError, match="does not exist"):
+        OviEngine.from_dir(tmp_path / "nowhere", variant="720x720_5s")
+    no_audio = _mirror(tiny_dir, tmp_path / "no_audio", "MMAudio")
+    with pytest.raises(MissingComponentError) as info:
+        OviEngine.from_dir(no_audio, variant="720x720_5s")
+    msg = str(info.value)
+    assert "MMAudio VAE" in msg and "BigVGAN vocoder" in msg and str(no_audio / "MMAudio/ext_weights/v1-16.pth") in msg
+    assert "fusion" not in msg
+    no_ovi = _mirror(tiny_dir, tmp_path / "no_ovi", "Ovi")
+    with pytest.raises(MissingComponentError, match=r"fusion model.*Ovi/model_960x960_10s\.safetensors"):
+        OviEngine.from_dir(no_ovi, variant="960x960_10s")
+    with pytest.raises(ValueError, match="several Ovi models"):
+        OviEngine.from_dir(tiny_dir)  # three variants there and none chosen
+    t = tiny_dir / "Wan2.2-TI2V-5B"
+    with pytest.raises(MissingComponentError, match="Wan2.2 video VAE: no path given"):
+        OviEngine(tiny_dir / "Ovi" / "model.safetensors", t / "models_t5_umt5-xxl-enc-bf16.pth",
+                  audio_vae=tiny_dir / "MMAudio/ext_weights/v1-16.pth",
+                  vocoder=tiny_dir / "MMAudio/ext_weights/best_netG.pt")
+
+
+def _paths(tiny_dir: Path) -> dict:
+    t = tiny_dir / "Wan2.2-TI2V-5B"
+    return dict(text_encoder=t / "models_t5_umt5-xxl-enc-bf16.pth", video_vae=t / "Wan2.2_VAE.pth",
+                audio_vae=tiny_dir / "MMAudio/ext_weights/v1-16.pth",
+                vocoder=tiny_dir / "MMAudio/ext_weights/best_netG.pt")
+
+
+def _strip_variant(src: Path, dst: Path) -> Path:
+    """A copy of a tiny fusion file without the ovi.variant metadata (the config stays, so it still loads)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "ovi.variant"}
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_variant_sources_and_conflicts(tiny_dir, tmp_path, caplog):
+    official = tiny_dir / "Ovi" / "model.safetensors"
+    with pytest.raises(ValueError, match="metadata"):  # an explicit choice contradicting our metadata
+        OviEngine(official, **_paths(tiny_dir), variant="960x960_10s")
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine(official, **_paths(tiny_dir))
+    assert e.variant.name == "720x720_5s" and e.variant_choice.source == "metadata"
+    assert ("variant 720x720_5s (5 s, 720x720 area, 31 video latent frames, 157 audio tokens), bf16, 0.0 GB, "
+            "from metadata") in caplog.text
+
+    named = _strip_variant(official, tmp_path / "Ovi-960x960-10s.safetensors")  # a ComfyUI-Ovi name
+    assert OviEngine(named, **_paths(tiny_dir)).variant.name == "960x960_10s"
+    assert resolve_variant([named]).source == "name"
+    with pytest.raises(ValueError, match="ComfyUI-Ovi name of the 960x960_10s"):
+        resolve_variant([named], "720x720_5s")
+
+    anon = _strip_variant(official, tmp_path / "my_ovi.safetensors")
+    with pytest.raises(ValueError, match="720x720_5s, 960x960_5s, 960x960_10s"):
+        OviEngine(anon, **_paths(tiny_dir))
+    e = OviEngine(anon, **_paths(tiny_dir), variant="960x960_5s")
+    assert e.variant.name == "960x960_5s" and e.variant_choice.source == "explicit choice"
+    assert "from explicit choice" in describe_variant(e.variant_choice, "bf16", 23_300_000_000)
+    assert "23.3 GB" in describe_variant(e.variant_choice, "bf16", 23_300_000_000)
+    with pytest.raises(ValueError, match="unknown Ovi variant"):
+        EngineOptions(variant="1080p")
+
+
+def test_wrong_component_and_options(tiny_dir):
+    p = _paths(tiny_dir)
+    with pytest.raises(CheckpointError, match="given as the fusion model.*Wan2.2 video VAE"):
+        OviEngine(p["video_vae"], **p)
+    with pytest.raises(ValueError, match="memory mode"):
+        OviEngine(tiny_dir / "Ovi" / "model.safetensors", **p, memory_mode="gpu_only")
+    with pytest.raises(ValueError, match="block_swap"):
+        EngineOptions(memory_mode="all_gpu", block_swap=4)
+    with pytest.raises(AttentionBackendError, match="flash_attn"):  # asked for by name: no silent fallback
+        OviEngine(tiny_dir / "Ovi" / "model.safetensors", **p, attention="flash_attn")
+    with pytest.raises(TypeError, match="unknown engine option"):
+        OviEngine.from_dir(tiny_dir, variant="720x720_5s", memory="all_gpu")
+
+
+def test_host_copy_clone_is_independent(tiny_dir):
+    """The device copy made from a host copy (the all_gpu reload and offload path on a GPU) computes the same and
+    shares no storage; freeing it leaves the host copy intact."""
+    from ovi.engine import _clone_to
+    from ovi.fusion.checkpoint import load_fusion_model
+
+    host = load_fusion_model(tiny_dir / "Ovi" / "model.safetensors", dtype=torch.float32)
+    clone = _clone_to(host, torch.device("cpu"), torch.float32)
+    assert not {p.data_ptr() for p in host.parameters()} & {p.data_ptr() for p in clone.parameters()}
+    args = (torch.randn(48, 2, 4, 4), torch.randn(9, 20), torch.tensor([500]), torch.randn(5, 32), torch.randn(6, 32))
+    with torch.no_grad():
+        expected = host(*args)
+        got = clone(*args)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    clone.to("meta")
+    assert next(host.parameters()).device.type == "cpu"
+    assert _clone_to(host, torch.device("cpu"), torch.bfloat16).video_model.head.head.weight.dtype == torch.bfloat16
+
+
+# -- detection and memory helpers ---------------------------------------------------------------------------
+def test_inspect_files(tiny_dir, tmp_path):
+    f = inspect_file(tiny_dir / "Ovi" / "model_960x960_10s.safetensors")
+    assert (f.component, f.format, f.dtype, f.variant) == ("fusion", "safetensors", "bf16", "960x960_10s")
+    assert f.variant_source.startswith("metadata") and f.tensor_count == len(f.shapes) > 0
+    t = inspect_file(tiny_dir / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    assert t.component == "umt5" and t.quantization == "fp8_e4m3fn scaled"
+    assert inspect_file(tiny_dir / "Wan2.2-TI2V-5B" / "Wan2.2_VAE.pth").component == "wan22_vae"
+    assert inspect_file(tiny_dir / "MMAudio/ext_weights/best_netG.pt").component == "bigvgan"
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        inspect_file(junk)
+
+
+def test_memory_helpers():
+    assert memory.pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            memory.pick_device("cuda")
+    m = torch.nn.Linear(8, 8)
+    ref = weakref.ref(m.weight)
+    memory.release(m)
+    assert m.weight.device.type == "meta" and (ref() is None or ref().device.type == "meta")
+    report = memory.MemoryReport(torch.device("cpu"))
+    before = memory.process_rss()
+    with report.phase("load"):
+        big = torch.ones(16, 1024, 1024)  # 64 MiB
+        del big
+    with pytest.raises(RuntimeError):
+        with report.phase("decode video"):
+            raise RuntimeError("boom")
+    assert [r.phase for r in report.rows] == ["load", "decode video"]
+    assert report.rows[1].note == "stopped: RuntimeError"
+    if report.rows[0].note == "":  # a per-phase high-water mark sees the freed 64 MiB tensor
+        assert report.rows[0].peak - before >= 60 * 2 ** 20
+    assert "decode video" in report.table() and str(report) == report.table()
