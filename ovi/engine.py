@@ -733,17 +733,15 @@ class OviEngine:
             def model_fn(video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg):
                 return self._fusion_forward(model, video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg)
 
-            callback = None
-            if progress is not None:
-                def callback(i, total, *_):
-                    progress(i + 1, total)
+            def callback(i, total, *_):
+                progress(i + 1, total)
 
             return sample(model_fn, video_noise, audio_noise, pos_ctx=pos, video_neg_ctx=vneg, audio_neg_ctx=aneg,
                           solver=solver, steps=steps, shift=shift, video_guidance=video_guidance,
                           audio_guidance=audio_guidance, slg_layer=slg_layer, image_latent=image_latent,
-                          callback=callback, should_stop=should_stop)
+                          callback=callback if progress is not None else None, should_stop=should_stop)
         finally:
-            del model
+            model = None  # the closure above holds the same cell: this drops the last reference
             if self._runner is not None:
                 self._runner = None
                 self._swapper.detach()

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .log import log
 
 GGUF_MAGIC = b"GGUF"
 

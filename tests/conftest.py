@@ -15,3 +15,14 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
     return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """One tiny checkpoint set (make_tiny, seed 0) shared by every test of the session."""
+    from ovi.tools.make_tiny import make_tiny
+
+    d = tmp_path_factory.getbasetemp() / "ovi_tiny_models"
+    if not (d / "tiny_manifest.json").is_file():
+        make_tiny(d, seed=0)
+    return d

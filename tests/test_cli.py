@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 
 from ovi.__main__ import main
-from ovi.tools.make_tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "A woman says <S>hello there<E> on a busy street. Audio: traffic and footsteps"
 
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.getbasetemp() / "ovi_tiny_models"  # shared with test_engine in one session
-    if not (d / "tiny_manifest.json").is_file():
-        make_tiny(d, seed=0)
-    return d
 
 
 def test_info_on_tiny_files(tiny_dir, capsys):

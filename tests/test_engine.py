@@ -19,7 +19,6 @@ from ovi.engine import (EngineOptions, Interrupted, MissingComponentError, OviEn
 from ovi.image import first_frame_size, resize_bicubic
 from ovi.loading import CheckpointError
 from ovi.sizes import t2v_frame_size
-from ovi.tools.make_tiny import make_tiny
 from ovi.variants import VARIANTS
 
 PROMPT = "A man walks on the beach at sunset. Audio: waves crashing and seagulls calling"
@@ -27,13 +26,6 @@ PROMPT = "A man walks on the beach at sunset. Audio: waves crashing and seagulls
 GEN = dict(size=(64, 64), steps=2, seed=7, slg_layer=1, video_negative_prompt="blur",
            audio_negative_prompt="muffled")
 
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.getbasetemp() / "ovi_tiny_models"  # shared with test_cli in one session
-    if not (d / "tiny_manifest.json").is_file():
-        make_tiny(d, seed=0)
-    return d
 
 
 def _engine(tiny_dir: Path, variant: str = "720x720_5s", **kw) -> OviEngine:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
