@@ -30,7 +30,6 @@ is prepared as the official code does, at the variant's area; with ``size`` it i
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -50,7 +49,8 @@ from .loading import CheckpointError
 from .log import log
 from .sampling.loop import Interrupted, sample
 from .sampling.schedules import make_schedule
-from .sizes import area_warning, t2v_frame_size
+from .residency import ComponentSlot
+from .sizes import resolve_frame_size  # noqa: F401  (part of the engine API)
 from .text.checkpoint import find_tokenizer_source
 from .variants import KNOWN_FILES, VARIANTS, Variant, get_variant
 
@@ -147,158 +147,6 @@ class DecodedClip:
         return self.waveform.shape[0] / self.sample_rate
 
 
-# -- frame size ----------------------------------------------------------------------------------------
-def _parse_pair(value, what: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        parts = value.lower().replace("*", "x").replace(":", "x").split("x")
-    elif isinstance(value, (tuple, list)):
-        parts = list(value)
-    else:
-        raise ValueError(f"{what} must be (H, W) or 'HxW', got {value!r}")
-    try:
-        h, w = (int(str(p).strip()) for p in parts)
-    except ValueError:
-        raise ValueError(f"{what} must be (H, W) or 'HxW' with whole numbers, got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{what} must be positive, got {h}x{w}")
-    return h, w
-
-
-def resolve_frame_size(variant: Variant | str, *, size=None, height: int | None = None, width: int | None = None,
-                       aspect: str | None = None) -> tuple[int, int, str]:
-    """(H, W, how it was chosen) for a text-to-video request.
-
-    ``size``: used exactly; both sides must be multiples of 32. ``height``/``width`` or ``aspect`` ("h:w"): the
-    official rule, rescaled to the variant's area and snapped to multiples of 32. Nothing: the variant's
-    nominal square (720x720 -> 704x704, 960x960).
-    """
-    v = get_variant(variant)
-    given = [n for n, x in (("size", size), ("aspect", aspect)) if x is not None]
-    if height is not None or width is not None:
-        given.append("height/width")
-    if len(given) > 1:
-        raise ValueError(f"give only one of size, height/width or aspect (got {', '.join(given)})")
-    if size is not None:
-        h, w = _parse_pair(size, "size")
-        if h % 32 or w % 32:
-            nh, nw = max(32, round(h / 32) * 32), max(32, round(w / 32) * 32)
-            raise ValueError(f"size {h}x{w}: both sides must be multiples of 32 (the VAE downsamples by 16 and the "
-                             f"model patches 2x2), e.g. {nh}x{nw}. Give height/width instead to let the engine pick "
-                             "the nearest size at the variant's area.")
-        note = "as given"
-        if area_warning(h, w, v.target_area):
-            note += f"; the {v.name} model was trained near {v.target_area:,} pixels, this is {h * w:,}"
-        return h, w, note
-    if height is not None or width is not None:
-        if height is None or width is None:
-            raise ValueError("give both height and width (or size=(H, W))")
-        h, w, warn = t2v_frame_size(v, int(height), int(width))
-        note = f"requested {height}x{width}, rescaled to the {v.name} area and snapped to multiples of 32"
-        if warn:
-            log.warning("requested %sx%s is far from the %s area (%s pixels); the size is rescaled to %dx%d",
-                        height, width, v.name, f"{v.target_area:,}", h, w)
-        return h, w, note
-    if aspect is not None:
-        ah, aw = _parse_pair(aspect, "aspect")
-        h, w, _ = t2v_frame_size(v, ah, aw)
-        return h, w, f"aspect {ah}:{aw} at the {v.name} area"
-    side = int(round(math.sqrt(v.target_area)))
-    h, w, _ = t2v_frame_size(v, side, side)
-    return h, w, f"default square at the {v.name} area"
-
-
-# -- components ----------------------------------------------------------------------------------------
-def _module_tensors(module: nn.Module):
-    seen = set()
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
-
-
-def _pin(module: nn.Module) -> bool:
-    """Move a host module's tensors to page-locked memory (one tensor at a time) for fast async copies."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        for t in _module_tensors(module):
-            if not t.is_pinned():
-                t.data = t.data.pin_memory()
-    except RuntimeError as e:
-        log.info("could not pin host memory (%s); copies to the device will be synchronous", e)
-        return False
-    return True
-
-
-def _clone_to(host: nn.Module, device: torch.device, dtype: torch.dtype | None, share=()) -> nn.Module:
-    """A copy of ``host`` with its tensors on ``device`` (floating ones cast to ``dtype``), sharing no storage
-    with it. The module structure is deep-copied with every tensor pre-seeded in the memo, so no host tensor
-    is ever duplicated in RAM."""
-    memo: dict[int, Any] = {id(o): o for o in share if o is not None}
-    for t in _module_tensors(host):
-        d = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
-                          non_blocking=True, copy=True)
-        memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d
-    return copy.deepcopy(host, memo)
-
-
-class _Slot:
-    """One component: how to load it from its file, an optional host copy, and the module in use (``live``)."""
-
-    def __init__(self, name: str, loader: Callable[[torch.device, torch.dtype | None], nn.Module], numel: int,
-                 host_dtype: torch.dtype | None = None):
-        self.name, self.loader, self.numel, self.host_dtype = name, loader, numel, host_dtype
-        self.host: nn.Module | None = None
-        self.host_pinned = False
-        self.live: nn.Module | None = None
-        self.live_dtype: torch.dtype | None = None
-
-    def host_bytes(self, dtype: torch.dtype | None) -> int:
-        it = torch.empty((), dtype=self.host_dtype or dtype or torch.float32).element_size()
-        return self.numel * it
-
-    def ensure_host(self, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-        if self.host is None:
-            t0 = time.perf_counter()
-            self.host = self.loader(torch.device("cpu"), self.host_dtype or dtype)
-            self.host_pinned = device.type != "cpu" and _pin(self.host)
-            log.info("%s: host copy loaded from its file in %.1f s%s", self.name, time.perf_counter() - t0,
-                     " (pinned)" if self.host_pinned else "")
-        return self.host
-
-    def acquire(self, device: torch.device, dtype: torch.dtype | None, keep_host: bool, share=()) -> nn.Module:
-        if self.live is not None and self.live_dtype == dtype:
-            return self.live
-        self.drop()
-        t0 = time.perf_counter()
-        if keep_host:
-            self.ensure_host(device, dtype)
-        if self.host is not None:
-            same = device.type == "cpu" and (dtype is None or dtype == (self.host_dtype or dtype))
-            self.live = self.host if same else _clone_to(self.host, device, dtype, share)
-            src = "host copy (shared)" if same else ("pinned host copy" if self.host_pinned else "host copy")
-        else:
-            self.live = self.loader(device, dtype)
-            src = "file (memory-mapped)"
-        self.live_dtype = dtype
-        log.info("%s on %s from the %s in %.2f s", self.name, device, src, time.perf_counter() - t0)
-        return self.live
-
-    def drop(self) -> bool:
-        """Forget the device module, freeing its weights unless it is the host copy itself."""
-        live, self.live, self.live_dtype = self.live, None, None
-        if live is None:
-            return False
-        if live is not self.host:
-            live.to("meta")  # frees the weights even if something outside the engine kept the module
-        del live
-        return True
-
-    def forget(self) -> None:
-        self.drop()
-        self.host = None
-
-
 # -- the engine ------------------------------------------------------------------------------------------
 _DIR_LAYOUT = {
     "text_encoder": ("Wan2.2-TI2V-5B/models_t5_umt5-xxl-enc-bf16.pth", "text_encoders/umt5_xxl_fp16.safetensors",
@@ -368,10 +216,10 @@ class OviEngine:
         self._attention = make_attention(opts.attention, self.device, self.dtype)
         self._tokenizer = None
         self._slots = {
-            "fusion": _Slot("fusion model", self._load_fusion, sum(i.numel for i in self.fusion_info)),
-            "text_encoder": _Slot("text encoder", self._load_text, infos["text_encoder"].numel),
-            "video_vae": _Slot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
-            "audio": _Slot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
+            "fusion": ComponentSlot("fusion model", self._load_fusion, sum(i.numel for i in self.fusion_info)),
+            "text_encoder": ComponentSlot("text encoder", self._load_text, infos["text_encoder"].numel),
+            "video_vae": ComponentSlot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
+            "audio": ComponentSlot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
                            torch.float32),
         }
         self.memory_mode, self.resident_layers, why = self._choose_mode()

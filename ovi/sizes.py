@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from .log import log
 from .variants import Variant, get_variant
 
 FLUX_AREA = 1024 * 1024  # the t2i2v image model always renders at about one megapixel
@@ -134,3 +135,63 @@ def t2v_frame_size(variant: Variant | str | None, height: int, width: int) -> tu
     area = get_variant(variant).target_area
     h, w = snap_hw_to_multiple_of_32(int(height), int(width), area=area)
     return h, w, area_warning(int(height), int(width), area)
+
+
+# -- engine requests: an exact size, requested dims, or an aspect ratio --------------------------------
+def _parse_pair(value, what: str) -> tuple[int, int]:
+    if isinstance(value, str):
+        parts = value.lower().replace("*", "x").replace(":", "x").split("x")
+    elif isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        raise ValueError(f"{what} must be (H, W) or 'HxW', got {value!r}")
+    try:
+        h, w = (int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what} must be (H, W) or 'HxW' with whole numbers, got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be positive, got {h}x{w}")
+    return h, w
+
+
+def resolve_frame_size(variant: Variant | str, *, size=None, height: int | None = None, width: int | None = None,
+                       aspect: str | None = None) -> tuple[int, int, str]:
+    """(H, W, how it was chosen) for a text-to-video request.
+
+    ``size``: used exactly; both sides must be multiples of 32. ``height``/``width`` or ``aspect`` ("h:w"): the
+    official rule, rescaled to the variant's area and snapped to multiples of 32. Nothing: the variant's
+    nominal square (720x720 -> 704x704, 960x960).
+    """
+    v = get_variant(variant)
+    given = [n for n, x in (("size", size), ("aspect", aspect)) if x is not None]
+    if height is not None or width is not None:
+        given.append("height/width")
+    if len(given) > 1:
+        raise ValueError(f"give only one of size, height/width or aspect (got {', '.join(given)})")
+    if size is not None:
+        h, w = _parse_pair(size, "size")
+        if h % 32 or w % 32:
+            nh, nw = max(32, round(h / 32) * 32), max(32, round(w / 32) * 32)
+            raise ValueError(f"size {h}x{w}: both sides must be multiples of 32 (the VAE downsamples by 16 and the "
+                             f"model patches 2x2), e.g. {nh}x{nw}. Give height/width instead to let the engine pick "
+                             "the nearest size at the variant's area.")
+        note = "as given"
+        if area_warning(h, w, v.target_area):
+            note += f"; the {v.name} model was trained near {v.target_area:,} pixels, this is {h * w:,}"
+        return h, w, note
+    if height is not None or width is not None:
+        if height is None or width is None:
+            raise ValueError("give both height and width (or size=(H, W))")
+        h, w, warn = t2v_frame_size(v, int(height), int(width))
+        note = f"requested {height}x{width}, rescaled to the {v.name} area and snapped to multiples of 32"
+        if warn:
+            log.warning("requested %sx%s is far from the %s area (%s pixels); the size is rescaled to %dx%d",
+                        height, width, v.name, f"{v.target_area:,}", h, w)
+        return h, w, note
+    if aspect is not None:
+        ah, aw = _parse_pair(aspect, "aspect")
+        h, w, _ = t2v_frame_size(v, ah, aw)
+        return h, w, f"aspect {ah}:{aw} at the {v.name} area"
+    side = int(round(math.sqrt(v.target_area)))
+    h, w, _ = t2v_frame_size(v, side, side)
+    return h, w, f"default square at the {v.name} area"

@@ -387,7 +387,7 @@ def test_wrong_component_and_options(tiny_dir):
 def test_host_copy_clone_is_independent(tiny_dir):
     """The device copy made from a host copy (the all_gpu reload and offload path on a GPU) computes the same and
     shares no storage; freeing it leaves the host copy intact."""
-    from ovi.engine import _clone_to
+    from ovi.residency import _clone_to
     from ovi.fusion.checkpoint import load_fusion_model
 
     host = load_fusion_model(tiny_dir / "Ovi" / "model.safetensors", dtype=torch.float32)
