@@ -4,10 +4,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
-.PHONY: test venv parity tiny clean-venv
+.PHONY: test venv comfy-env parity tiny clean-venv
 
-test: $(STAMP)
-	@$(VPY) -m pytest -q tests; rc=$$?; \
+# COMFY_REQUIRED=1: the tests against a real ComfyUI and Chromium fail instead of skipping when set-up is missing.
+test: $(STAMP) comfy-env
+	@COMFY_REQUIRED=1 $(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken"; exit 1; fi; exit $$rc
 
 venv: $(STAMP)
@@ -17,6 +18,11 @@ $(STAMP): requirements-test.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --disable-pip-version-check -q -r requirements-test.txt
 	@touch $(STAMP)
+
+# ComfyUI 0.3.75 (.cache/comfyui), its Python deps (requirements-comfy.txt, into .venv), Debian chromium and
+# playwright-core (.cache/node), all pinned; each step is skipped while its stamp is current.
+comfy-env: $(STAMP)
+	@bash tools/comfy_env.sh
 
 parity: $(STAMP)
 	$(VPY) -m ovi.tools.parity tests/fixtures/parity/*.safetensors tests/fixtures/parity/*.json \
