@@ -1,8 +1,9 @@
-"""Command line: ``python -m ovi generate | info | download``.
+"""Command line: ``python -m ovi generate | info | download | convert``.
 
     python -m ovi generate --models ckpts --variant 960x960_10s --prompt "..." --out clip.mp4
     python -m ovi info ckpts/Ovi/model_960x960_10s.safetensors
     python -m ovi download --variant 960x960_10s --dest ckpts
+    python -m ovi convert --to fp8 ckpts/Ovi/model_960x960_10s.safetensors model_960x960_10s_fp8.safetensors
 
 Ctrl-C during ``generate`` stops after the current step (a second Ctrl-C aborts at once); the exit status is
 then 130 and no mp4 is written.
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ovi", description="Ovi audio-video generation.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,info,download}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,info,download,convert}")
 
     g = sub.add_parser("generate", help="generate an mp4 from a prompt (and optionally a first image)",
                        description="Generate a video with sound. --size is used exactly (multiples of 32); "
@@ -125,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("files", nargs="+", type=Path)
 
     sub.add_parser("download", help="fetch the files a variant needs (see `python -m ovi download --help`)",
+                   add_help=False)
+    sub.add_parser("convert", help="fusion checkpoint to FP8 or GGUF (see `python -m ovi convert --help`)",
                    add_help=False)
     return p
 
@@ -191,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         with _logging("-v" in argv[:k] or "--verbose" in argv[:k], "-q" in argv[:k] or "--quiet" in argv[:k]):
             return int(main_download(argv[k + 1:]) or 0)
+    if head == ["convert"]:
+        k = argv.index("convert")
+        from .convert import main_convert
+
+        with _logging("-v" in argv[:k] or "--verbose" in argv[:k], "-q" in argv[:k] or "--quiet" in argv[:k]):
+            return int(main_convert(argv[k + 1:]) or 0)
     a = _parser().parse_args(argv)
     with _logging(a.verbose, a.quiet):
         if a.command == "info":

@@ -103,6 +103,8 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
     wrap = " inside a wrapper prefix" if prefixed else ""
     if any(k.startswith("video_model.") for k in keyset) and any(k.startswith("audio_model.") for k in keyset):
         return "fusion", "single file, both branches (official layout)" + wrap
+    if "blocks.0.cross_attn.k_fusion.weight" in keyset and any(k.startswith("audio_model.") for k in keyset):
+        return "fusion", "single file, video keys unprefixed + audio_model. keys (ComfyUI-WanVideoWrapper layout)"
     if "blocks.0.cross_attn.k_fusion.weight" in keyset:
         by_key = dict(zip(stripped, keys))
         rank = len(shapes.get(by_key.get("patch_embedding.weight", ""), ()))
@@ -175,6 +177,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         keys, shapes, dtype_bytes, quant, meta, data_bytes = _gguf_info(p)
         numel = sum(_prod(s) for s in shapes.values())
         fmt = "gguf"
+        fp8_layout = None
     else:
         with CheckpointReader(p, entry=("generator", "module")) as r:
             sources = r.sources()
@@ -188,15 +191,22 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
             n = _prod(s.shape)
             numel += n
             dtype_bytes[s.dtype] = dtype_bytes.get(s.dtype, 0) + n * torch.empty((), dtype=s.dtype).element_size()
-        quant = None
+        quant = fp8_layout = None
         fp8 = [d for d in dtype_bytes if d in FP8_DTYPES]
-        if fp8:
-            scaled = any(k.endswith(("scale_weight", ".scale")) for k in keys) or "scaled_fp8" in keys
-            quant = "/".join(_DTYPE_NAMES[d] for d in fp8) + (" scaled" if scaled else " (plain casts, no scales)")
+        if fp8 or "scaled_fp8" in keys:
+            from .quant.fp8_checkpoint import detect_fp8_layout
+
+            layout = detect_fp8_layout(sources, meta, p)  # CheckpointError for an unknown FP8 layout
+            if layout is not None:
+                scaled = layout.granularity != "none"
+                quant = _DTYPE_NAMES[layout.weight_dtype] + (" scaled" if scaled else " (plain casts, no scales)")
+                fp8_layout = layout
         data_bytes = sum(dtype_bytes.values())
     if not keys:
         raise CheckpointError(p, "the file holds no tensors.")
     component, layout = _component(keys, shapes)
+    if fmt != "gguf" and fp8_layout is not None and component.startswith("fusion"):
+        quant = fp8_layout.summary()
     if CONFIG_METADATA_KEY in meta and component.startswith("fusion"):
         layout += "; config in header metadata (converted by this package)"
     info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),

@@ -44,6 +44,14 @@ KNOWN_COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+COMPUTE_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_compute_float(dtype: torch.dtype) -> bool:
+    """True for dtypes a model is cast between; storage formats (fp8, integer blocks) keep their dtype."""
+    return dtype in COMPUTE_FLOATS
+
+
 class _SkipInit(TorchFunctionMode):
     """Turns ``torch.nn.init`` calls into no-ops: weights built on ``meta`` are about to be replaced anyway,
     and running every layer's initialiser costs a third of a full-size model's build time."""
@@ -342,7 +350,7 @@ def load_into_module(module: nn.Module, sources: Mapping[str, TensorSource], *, 
     for name, src in sources.items():
         t = src.load()
         target_dtype = dtype
-        if target_dtype is not None and (not t.is_floating_point() or (keep_dtype and keep_dtype(name, t))):
+        if target_dtype is not None and (not is_compute_float(t.dtype) or (keep_dtype and keep_dtype(name, t))):
             target_dtype = None
         t = t.to(device=device if device is not None else t.device, dtype=target_dtype or t.dtype)
         _set_tensor(owners, name, t)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .loading import is_compute_float
 from .log import log
 
 
@@ -45,7 +46,7 @@ def _clone_to(host: nn.Module, device: torch.device, dtype: torch.dtype | None, 
     is ever duplicated in RAM."""
     memo: dict[int, Any] = {id(o): o for o in share if o is not None}
     for t in _module_tensors(host):
-        d = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
+        d = t.detach().to(device=device, dtype=dtype if (dtype is not None and is_compute_float(t.dtype)) else None,
                           non_blocking=True, copy=True)
         memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d
     return copy.deepcopy(host, memo)

@@ -306,10 +306,12 @@ def test_error_shape_mismatch(tiny_sd, tmp_path):
         load_fusion_model(good, config=cfg)
 
 
-def test_error_fp8_file(tiny_sd, tmp_path):
+def test_error_unknown_fp8_layout(tiny_sd, tmp_path):
+    # A scale that is neither per tensor nor per output row is no FP8 layout we know.
     sd = dict(tiny_sd)
     sd["video_model.blocks.0.ffn.0.weight"] = sd["video_model.blocks.0.ffn.0.weight"].to(torch.float8_e4m3fn)
+    sd["video_model.blocks.0.ffn.0.scale_weight"] = torch.ones(3, 3)
     p = tmp_path / "model_fp8_e4m3fn.safetensors"
     save_file(sd, str(p))
-    with pytest.raises(CheckpointError, match="FP8"):
+    with pytest.raises(CheckpointError, match="unknown FP8 layout"):
         load_fusion_model(p)

@@ -4,7 +4,11 @@ Layouts accepted:
 - one file with ``video_model.``/``audio_model.`` keys (``model*.safetensors``; ``.pt`` with the state
   dict at the top, under ``module``, or under ``app`` -> ``model``);
 - two files, one per branch, keys without the branch prefix (as ComfyUI-WanVideoWrapper users keep
-  them); which is which is read from the audio patch embedding (a 3-D conv) vs the video one (5-D).
+  them); which is which is read from the audio patch embedding (a 3-D conv) vs the video one (5-D);
+- one file with the video keys unprefixed next to ``audio_model.`` keys (ComfyUI-WanVideoWrapper's Ovi 1.1
+  files), and ``blocks.N.modulation`` for the official ``blocks.N.modulation.modulation``;
+- FP8 files in any layout of ``ovi.quant.fp8_checkpoint`` (official plain casts, KJ scaled, ComfyUI scaled,
+  our converted files): FP8 linear weights stay FP8 in ``FP8Linear`` layers, everything else as usual.
 The config comes from ``config``, else the header metadata ``ovi.config``, else the tensor shapes.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,6 +25,7 @@ import torch
 from ..loading import (meta_device, FP8_DTYPES, KNOWN_COMPONENTS, CheckpointError, CheckpointReader, DerivedSource,
                        TensorSource, check_keys, identify_component, load_into_module)
 from ..log import log
+from ..quant.fp8_checkpoint import Fp8Layout, detect_fp8_layout, prepare_fp8_model, strip_fp8_extras
 from .config import FusionConfig
 from .model import FusionModel
 
@@ -32,18 +38,28 @@ _ANCHORS = {"video": ("patch_embedding.weight", 5), "audio": ("patch_embedding.0
 
 
 class _File:
-    """The tensors and header metadata of one checkpoint file."""
+    """The tensors and header metadata of one checkpoint file, and its FP8 layout (None: not FP8)."""
 
-    def __init__(self, path: Path, sources: dict[str, TensorSource], metadata: dict[str, str]):
-        self.path, self.sources, self.metadata = path, sources, metadata
+    def __init__(self, path: Path, sources: dict[str, TensorSource], metadata: dict[str, str],
+                 fp8: Fp8Layout | None = None):
+        self.path, self.sources, self.metadata, self.fp8 = path, sources, metadata, fp8
 
 
-def _open(path: Path, prefix: str) -> tuple[_File, CheckpointReader]:
-    reader = CheckpointReader(path, prefix=prefix, entry="module")
+def _open(path: Path, prefix: str, streaming: bool = False):
+    """(_File, reader to close). ``streaming`` reads safetensors tensors with file reads instead of a memory
+    map (the converter: mapped pages would pile up in its resident set)."""
+    if streaming and path.suffix.lower() == ".safetensors":
+        from ..safetensors_stream import StreamingReader
+
+        reader = StreamingReader(path, prefix=prefix)
+    else:
+        reader = CheckpointReader(path, prefix=prefix, entry="module")
     sources = reader.sources()
     if not sources and path.suffix.lower() != ".safetensors":
         sources = _app_model_sources(path, prefix)
-    return _File(path, sources, dict(reader.metadata)), reader
+    metadata = dict(reader.metadata)
+    fp8 = detect_fp8_layout(sources, metadata, path)
+    return _File(path, strip_fp8_extras(sources), metadata, fp8), reader
 
 
 def _app_model_sources(path: Path, prefix: str) -> dict[str, TensorSource]:
@@ -78,9 +94,22 @@ def _strip_wrapper(sources: dict[str, TensorSource]) -> dict[str, TensorSource]:
     return sources
 
 
+_BLOCK_MODULATION = re.compile(r"(?:^|\.)blocks\.\d+\.modulation$")
+
+
+def _normalise(sources: dict[str, TensorSource]) -> dict[str, TensorSource]:
+    """WanVideoWrapper spellings -> official keys: ``blocks.N.modulation`` gains its inner ``.modulation``, and
+    in a file that has ``audio_model.`` keys but unprefixed video keys the latter gain ``video_model.``."""
+    sources = {(k + ".modulation" if _BLOCK_MODULATION.search(k) else k): s for k, s in sources.items()}
+    if ("patch_embedding.weight" in sources and any(k.startswith("audio_model.") for k in sources)
+            and not any(k.startswith("video_model.") for k in sources)):
+        sources = {(k if k.startswith("audio_model.") else "video_model." + k): s for k, s in sources.items()}
+    return sources
+
+
 def _classify(f: _File) -> tuple[str, dict[str, TensorSource]]:
     """("fusion" | "video" | "audio", sources keyed for that) for one file."""
-    sources = _strip_wrapper(f.sources)
+    sources = _normalise(_strip_wrapper(f.sources))
     present = [b for b, p in _BRANCH_PREFIX.items() if any(k.startswith(p) for k in sources)]
     if len(present) == 2:
         return "fusion", sources
@@ -150,42 +179,82 @@ def _config(files: list[_File], branches: dict[str, tuple[Path, dict[str, Tensor
                                      "missing (a partial or interrupted file); use the complete file.") from e
 
 
-def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, prefix: str = "",
-                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      config: FusionConfig | None = None) -> FusionModel:
-    """Build the fusion model on ``meta`` and fill it tensor by tensor from one file or a [video, audio] pair
-    (either order). ``prefix`` selects and strips a key prefix (``weights/`` for the parity fixtures)."""
-    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+def _collect(paths: list[Path], prefix: str, streaming: bool = False):
+    """Open one file or a split pair: (files, readers, {"video" | "audio": (path, sources)}, label)."""
     if len(paths) not in (1, 2):
         raise CheckpointError(None, f"give one fusion model file, or two (video and audio branch); got {len(paths)}")
     files, readers = [], []
     try:
         for p in paths:
-            f, r = _open(p, prefix)
+            f, r = _open(p, prefix, streaming)
             files.append(f)
             readers.append(r)
         label = paths[0] if len(paths) == 1 else " + ".join(str(p) for p in paths)
-        for f in files:
-            if any(s.dtype in FP8_DTYPES for s in f.sources.values()):
-                raise CheckpointError(f.path, "this file holds FP8 weights (e.g. model_fp8_e4m3fn.safetensors); "
-                                              "load it with the FP8-capable loader, or use the bf16 model file.")
-        branches = _gather(files)
+        return files, readers, _gather(files), label
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+
+
+def fusion_sources(path: str | os.PathLike | Sequence[str | os.PathLike], *, prefix: str = "",
+                   streaming: bool = False):
+    """For converters: (files, readers, sources keyed ``video_model.``/``audio_model.``, config, label).
+    FP8 scales stay as ``<layer>.scale_weight`` sources; the caller closes the readers."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    files, readers, branches, label = _collect(paths, prefix, streaming)
+    try:
+        cfg = _config(files, branches, label)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
+    return files, readers, sources, cfg, label
+
+
+def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, prefix: str = "",
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      config: FusionConfig | None = None, fp8_compute: str | None = None) -> FusionModel:
+    """Build the fusion model on ``meta`` and fill it tensor by tensor from one file or a [video, audio] pair
+    (either order). ``prefix`` selects and strips a key prefix (``weights/`` for the parity fixtures).
+
+    FP8 files load their FP8 linear weights into ``FP8Linear`` layers (weight and float32 scale kept as
+    stored); ``fp8_compute`` ("auto" | "scaled_mm" | "upcast", None = auto) picks how those layers compute."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    files, readers, branches, label = _collect(paths, prefix)
+    fp8_linears = 0
+    try:
+        layouts = {f.fp8.name for f in files if f.fp8 is not None}
+        if len(layouts) > 1:
+            raise CheckpointError(label, f"the two files use different FP8 layouts ({', '.join(sorted(layouts))}); "
+                                         "give a matching pair.")
         cfg = config or _config(files, branches, label)
         with meta_device():
             model = FusionModel(cfg)
+        sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
+        if layouts:
+            sources, fp8_linears = prepare_fp8_model(model, sources, label)
         expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
         if len(files) == 2:  # report a problem against the file of the branch that has it
-            for b, (p, srcs) in branches.items():
+            for b, (p, _) in branches.items():
                 pre = _BRANCH_PREFIX[b]
-                check_keys("fusion", p, {k[len(pre):]: s for k, s in expected.items() if k.startswith(pre)}, srcs)
-        sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
-        load_into_module(model, sources, path=label, component="fusion", device=device, dtype=dtype)
+                check_keys("fusion", p, {k[len(pre):]: s for k, s in expected.items() if k.startswith(pre)},
+                           {k[len(pre):]: s for k, s in sources.items() if k.startswith(pre)})
+        load_into_module(model, sources, path=label, component="fusion", device=device, dtype=dtype,
+                         keep_dtype=lambda name, t: t.dtype in FP8_DTYPES or name.endswith(".scale_weight"))
     finally:
         for r in readers:
             r.close()
     model.compute_dtype = dtype
     model.eval().requires_grad_(False)
+    if fp8_linears:
+        from ..quant.fp8 import set_fp8_compute
+
+        set_fp8_compute(model, fp8_compute)
     variant = next((f.metadata[VARIANT_METADATA_KEY] for f in files if VARIANT_METADATA_KEY in f.metadata), None)
-    log.info("fusion model loaded from %s: %d layers, dim %d, %s on %s%s", label, cfg.num_layers, cfg.video.dim,
-             str(dtype).replace("torch.", ""), device, f" (variant {variant})" if variant else "")
+    fp8 = next((f.fp8 for f in files if f.fp8 is not None), None)
+    log.info("fusion model loaded from %s: %d layers, dim %d, %s on %s%s%s", label, cfg.num_layers, cfg.video.dim,
+             str(dtype).replace("torch.", ""), device, f" (variant {variant})" if variant else "",
+             f"; FP8: {fp8_linears} linear layers, {fp8.summary()}" if fp8 else "")
     return model

@@ -1,0 +1,207 @@
+"""``python -m ovi convert``: rewrite a fusion checkpoint in another storage format, one tensor at a time.
+
+    python -m ovi convert --to fp8 [--granularity tensor|channel] [--variant NAME] SRC [SRC2] DST
+
+FP8: the 2-D linear weights of every block of both backbones (self/cross attention q, k, v, o, the fusion
+k/v, FFN in/out) become float8_e4m3fn with a float32 scale (absmax / 448), per tensor or per output channel;
+everything else is kept in bf16 (norms, biases, modulation tables, patch/time/text embeddings, time
+projection, heads). The embeddings and the time projection run once per step on a few hundred tokens at
+most, so FP8 would save no time there, and they are 0.4 % of the weights; the time projection feeds the
+shift/scale/gate of every block, so its error would reach every layer. The output follows ComfyUI's
+scaled-fp8 convention (``scaled_fp8`` marker, ``<layer>.scale_weight``) with header metadata naming format,
+granularity, source and variant. Sources: our/official bf16 files, split video/audio pairs, and every FP8
+layout the loader reads (scaled sources are re-quantised; a source already in the asked granularity
+passes through unchanged).
+
+Reading goes through plain file reads and writing through ``StreamingWriter``, so peak memory stays near the
+largest tensor instead of the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .loading import FP8_DTYPES, CheckpointError, TensorSource
+from .log import log
+from .quant.fp8 import E4M3, GRANULARITIES, dequantise_fp8, quantise_fp8
+from .quant.fp8_checkpoint import (FORMAT_FP8, FORMAT_KEY, GRANULARITY_KEY, MARKER, SCALE, SOURCE_KEY,
+                                   is_quantised_key)
+from .safetensors_stream import StreamingWriter
+
+CONFIG_METADATA_KEY = "ovi.config"
+VARIANT_METADATA_KEY = "ovi.variant"
+DEFAULT_GRANULARITY = "tensor"  # per-channel measured no better (benchmarks/quant.py), and scalars are what ComfyUI reads
+GGUF_TARGETS = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16", "gguf-bf16")
+TARGETS = ("fp8",) + GGUF_TARGETS
+
+
+def _variant(paths: list[Path], files, explicit: str | None) -> str | None:
+    from .detect import resolve_variant
+
+    tagged = next((f.metadata[VARIANT_METADATA_KEY] for f in files if f.metadata.get(VARIANT_METADATA_KEY)), None)
+    if tagged and not explicit:
+        return tagged
+    try:
+        return resolve_variant(paths, explicit, metadata=[f.metadata for f in files]).variant.name
+    except ValueError as e:
+        if explicit:
+            raise
+        log.warning("convert: the variant is not recorded (%s); pass --variant to record it", str(e).split(":")[0])
+        return None
+
+
+def _source_description(files) -> str:
+    parts = []
+    for f in files:
+        if f.fp8 is not None:
+            kind = f"fp8 {f.fp8.name}"
+        else:
+            dts = {s.dtype for s in f.sources.values() if s.dtype.is_floating_point}
+            kind = "/".join(sorted(str(d).removeprefix("torch.") for d in dts)) or "?"
+        parts.append(f"{kind} ({f.path.name})")
+    return " + ".join(parts)
+
+
+def _plan(sources: dict[str, TensorSource], granularity: str, out_dtype: torch.dtype):
+    """[(name, shape, dtype, produce)] in source order; produce() returns the tensor to write."""
+    entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]] = [
+        (MARKER, (0,), E4M3, lambda: torch.empty(0, dtype=E4M3))]
+    for key, s in sources.items():
+        if key.endswith(SCALE):
+            continue
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        scale = sources.get(module + SCALE) if module else None
+        shape = tuple(s.shape)
+        if is_quantised_key(key) and len(shape) == 2:
+            sshape = () if granularity == "tensor" else (shape[0], 1)
+            cache: dict[str, torch.Tensor] = {}
+
+            def weight(s=s, scale=scale, cache=cache):
+                w = s.load()
+                src_scale = scale.load() if scale is not None else None
+                if w.dtype in FP8_DTYPES and w.dtype != E4M3:
+                    w, src_scale = dequantise_fp8(w, src_scale, torch.bfloat16), None
+                if w.dtype == E4M3 and src_scale is not None and _same_granularity(src_scale, granularity):
+                    q, sc = w, src_scale.float()  # already in the asked form: pass through, no re-rounding
+                elif w.dtype == E4M3:
+                    q, sc = quantise_fp8(w, granularity, src_scale=src_scale if src_scale is not None
+                                         else torch.ones((), dtype=torch.float32))
+                else:
+                    q, sc = quantise_fp8(w, granularity)
+                cache["scale"] = sc.reshape(()) if granularity == "tensor" else sc.reshape(-1, 1)
+                return q
+
+            entries.append((key, shape, E4M3, weight))
+            entries.append((module + SCALE, sshape, torch.float32, lambda cache=cache: cache.pop("scale")))
+        elif s.dtype.is_floating_point:
+            def keep(s=s, scale=scale):
+                t = s.load()
+                if t.dtype in FP8_DTYPES or scale is not None:
+                    sc = scale.load() if scale is not None else None
+                    if sc is not None and sc.numel() > 1:
+                        sc = sc.reshape(-1, *[1] * (t.ndim - 1))
+                    return dequantise_fp8(t, sc, out_dtype)
+                return t.to(out_dtype)
+
+            entries.append((key, shape, out_dtype, keep))
+        else:
+            entries.append((key, shape, s.dtype, s.load))
+    return entries
+
+
+def _same_granularity(scale: torch.Tensor, granularity: str) -> bool:
+    return (scale.numel() == 1) == (granularity == "tensor")
+
+
+def convert_fp8(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, *,
+                granularity: str = DEFAULT_GRANULARITY, variant: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write ``dst`` (one safetensors file, official ``video_model.``/``audio_model.`` keys) from a fusion
+    checkpoint (one file or a split pair, any layout the loader reads). Returns figures of the run."""
+    from .fusion.checkpoint import fusion_sources
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    paths = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(p) for p in src]
+    dst = Path(dst)
+    if any(dst.resolve() == p.resolve() for p in paths):
+        raise ValueError("the destination must differ from the source")
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"the destination must be a .safetensors file, got {dst.name}")
+    t0 = time.perf_counter()
+    files, readers, sources, cfg, label = fusion_sources(paths, streaming=True)
+    try:
+        name = _variant(paths, files, variant)
+        metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), FORMAT_KEY: FORMAT_FP8,
+                    GRANULARITY_KEY: granularity, SOURCE_KEY: _source_description(files)}
+        if name:
+            metadata[VARIANT_METADATA_KEY] = name
+        entries = _plan(sources, granularity, torch.bfloat16)
+        quantised = sum(1 for _, _, dt, _ in entries if dt == E4M3) - 1
+        bytes_in = sum(_numel(s.shape) * s.dtype.itemsize for s in sources.values())
+        with StreamingWriter(dst, [(n, s, dt) for n, s, dt, _ in entries], metadata) as w:
+            for i, (n, _, _, produce) in enumerate(entries):
+                w.write(n, produce())
+                if progress is not None:
+                    progress(i + 1, len(entries))
+            bytes_out = w.data_bytes
+    finally:
+        for r in readers:
+            r.close()
+    seconds = time.perf_counter() - t0
+    log.info("converted %s -> %s: %d linear weights to fp8 (per-%s scales), %d tensors, %.2f GB -> %.2f GB in "
+             "%.1f s%s", label, dst, quantised, granularity, len(entries), bytes_in / 1e9, bytes_out / 1e9, seconds,
+             f", variant {name}" if name else "")
+    return {"tensors": len(entries), "quantised": quantised, "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "seconds": seconds, "variant": name}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def convert(src, dst, *, to: str, granularity: str = DEFAULT_GRANULARITY, variant: str | None = None) -> dict:
+    """Dispatch on the target format (``fp8`` here; ``gguf-*`` in ``quant.gguf_convert``)."""
+    if to == "fp8":
+        return convert_fp8(src, dst, granularity=granularity, variant=variant)
+    if to in GGUF_TARGETS:
+        try:
+            from .quant.gguf_convert import convert_gguf
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.quant.gguf_convert":
+                raise
+            raise ValueError(f"--to {to}: GGUF conversion is not part of this install") from None
+        return convert_gguf(src, dst, qtype=to.removeprefix("gguf-"), variant=variant)
+    raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+
+
+def main_convert(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ovi convert", description="Convert an Ovi fusion checkpoint "
+                                "(one file or a video + audio pair) to FP8 or GGUF, tensor by tensor.")
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument("--granularity", choices=GRANULARITIES, default=DEFAULT_GRANULARITY,
+                   help=f"FP8 scale per tensor or per output channel (default {DEFAULT_GRANULARITY})")
+    p.add_argument("--variant", help="record this variant when neither metadata nor the file name tells it")
+    p.add_argument("files", nargs="+", type=Path, help="SRC [SRC2] DST")
+    a = p.parse_args(argv)
+    if len(a.files) not in (2, 3):
+        p.error("give one or two source files and the destination")
+    src, dst = a.files[:-1], a.files[-1]
+    try:
+        convert(src[0] if len(src) == 1 else src, dst, to=a.to, granularity=a.granularity, variant=a.variant)
+    except (CheckpointError, ValueError, OSError) as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

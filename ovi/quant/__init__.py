@@ -1,0 +1,1 @@
+"""Quantised checkpoints: FP8 and GGUF converters, loaders and compute layers."""

@@ -1,0 +1,212 @@
+"""FP8 fusion checkpoints: which FP8 layout a file uses, and the sources that load it into ``FP8Linear`` layers.
+
+Layouts read (all keep norms, biases and modulation tables in bf16/fp32):
+
+* ``official-plain``: Character.AI's ``model_fp8_e4m3fn.safetensors`` (720x720_5s): weights cast to
+  float8_e4m3fn with no scale tensors, so the scale is 1.
+* ``kj-scaled``: ComfyUI-WanVideoWrapper's ``*_fp8_e4m3fn_scaled_KJ.safetensors``: e4m3fn weights, each with a
+  float32 ``<layer>.scale_weight`` (WanVideoWrapper also accepts the name ``<layer>.weight_scale``); one file
+  (Ovi 1.1 10 s) or a video file plus an audio file (Ovi 1.0). A WanVideoWrapper file may keep the video keys
+  without a prefix next to ``audio_model.`` keys; that is handled by the fusion loader.
+* ``comfy-scaled``: ComfyUI's scaled-fp8 convention: a ``scaled_fp8`` marker tensor (its dtype names the
+  FP8 format, its values are unused) and ``<layer>.scale_weight`` per FP8 layer; ``<layer>.scale_input``
+  (static activation scales) is ignored, activation scales being dynamic here.
+* ``ovi``: files written by ``python -m ovi convert --to fp8``: the ComfyUI convention plus header metadata
+  naming the format, scale granularity and source variant.
+
+Effective weight = ``weight.float() * scale_weight``; a scale is a scalar ([] or [1]) or one per output row
+([out] or [out, 1]).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..loading import FP8_DTYPES, CheckpointError, DerivedSource, TensorSource, meta_device
+from ..log import log
+from .fp8 import FP8Linear, dequantise_fp8
+
+MARKER = "scaled_fp8"
+SCALE = ".scale_weight"
+_SCALE_ALIASES = (".weight_scale",)
+_IGNORED_SUFFIXES = (".scale_input", ".input_scale")
+
+FORMAT_KEY = "ovi.quant.format"
+GRANULARITY_KEY = "ovi.quant.granularity"
+SOURCE_KEY = "ovi.quant.source"
+FORMAT_FP8 = "fp8_e4m3fn_scaled"
+
+LAYOUT_DESCRIPTIONS = {
+    "official-plain": "plain e4m3fn casts without scales (official model_fp8_e4m3fn layout)",
+    "kj-scaled": "e4m3fn + float32 scale_weight per layer (ComfyUI-WanVideoWrapper *_fp8_e4m3fn_scaled_KJ layout)",
+    "comfy-scaled": "ComfyUI scaled-fp8 convention (scaled_fp8 marker + <layer>.scale_weight)",
+    "ovi": "ComfyUI scaled-fp8 convention, written by `python -m ovi convert`",
+}
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    name: str             # a LAYOUT_DESCRIPTIONS key
+    weight_dtype: torch.dtype
+    granularity: str      # "tensor", "channel", "mixed" or "none" (no scales)
+    fp8_tensors: int
+    source: str | None = None  # what an ovi file was converted from (header metadata)
+
+    @property
+    def description(self) -> str:
+        return LAYOUT_DESCRIPTIONS[self.name]
+
+    def summary(self) -> str:
+        fmt = str(self.weight_dtype).removeprefix("torch.").replace("float8", "fp8")
+        gran = {"tensor": "per-tensor scales", "channel": "per-output-channel scales", "mixed":
+                "per-tensor and per-channel scales", "none": "no scales (scale 1)"}[self.granularity]
+        src = f"; converted from {self.source}" if self.source else ""
+        return f"{fmt}, {gran}, {self.description}{src}"
+
+
+def _scale_key(key: str) -> str | None:
+    for alias in _SCALE_ALIASES:
+        if key.endswith(alias):
+            return key[: -len(alias)] + SCALE
+    return None
+
+
+def strip_fp8_extras(sources: Mapping[str, TensorSource]) -> dict[str, TensorSource]:
+    """Drop the marker and static input scales, and spell every weight scale ``<layer>.scale_weight``."""
+    out: dict[str, TensorSource] = {}
+    for k, s in sources.items():
+        if k == MARKER or k.endswith("." + MARKER) or k.endswith(_IGNORED_SUFFIXES):
+            continue
+        out[_scale_key(k) or k] = s
+    return out
+
+
+def _granularity(scale_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> str | None:
+    n = 1
+    for d in scale_shape:
+        n *= int(d)
+    if n == 1 and len(scale_shape) <= 2:
+        return "tensor"
+    if weight_shape and len(weight_shape) == 2 and tuple(scale_shape) in ((weight_shape[0],), (weight_shape[0], 1)):
+        return "channel"
+    return None
+
+
+def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str, str] | None = None,
+                      path: str | Path | None = None) -> Fp8Layout | None:
+    """The FP8 layout of one file's tensors (None when it holds no FP8 weights). Raises ``CheckpointError``
+    for an FP8 layout this package does not know: a marker without FP8 tensors, a scale of the wrong shape,
+    scales on some FP8 weights but not others, or FP8 header metadata in an unknown format."""
+    metadata = metadata or {}
+    fmt = metadata.get(FORMAT_KEY)
+    if fmt is not None and fmt != FORMAT_FP8 and fmt.startswith("fp8"):
+        raise CheckpointError(path, f"header metadata {FORMAT_KEY}={fmt!r} names an FP8 format this version does "
+                                    f"not read (known: {FORMAT_FP8}). Convert the file again with this version.")
+    marker = next((s for k, s in sources.items() if k == MARKER or k.endswith("." + MARKER)), None)
+    plain = strip_fp8_extras(sources)
+    fp8 = {k: s for k, s in plain.items() if s.dtype in FP8_DTYPES}
+    if not fp8:
+        if marker is not None or any(k.endswith(SCALE) for k in plain):
+            raise CheckpointError(path, "unknown FP8 layout: the file has a scaled_fp8 marker or scale_weight "
+                                        "tensors but no FP8 weights. It is corrupt or in a format this loader "
+                                        "does not know; use a bf16 file or convert it with `python -m ovi convert`.")
+        return None
+    dtypes = {s.dtype for s in fp8.values()}
+    if len(dtypes) > 1:
+        raise CheckpointError(path, "unknown FP8 layout: the file mixes float8_e4m3fn and float8_e5m2 weights.")
+    grans, scaled, unscaled = set(), 0, []
+    for k, s in fp8.items():
+        sk = k[: -len(".weight")] + SCALE if k.endswith(".weight") else None
+        if sk is not None and sk in plain:
+            g = _granularity(tuple(plain[sk].shape), tuple(s.shape))
+            if g is None:
+                raise CheckpointError(path, f"unknown FP8 layout: {sk} has shape {list(plain[sk].shape)}; a scale is "
+                                            f"a scalar or one value per output row of {k} {list(s.shape)}.")
+            grans.add(g)
+            scaled += 1
+        elif len(s.shape) == 2:
+            unscaled.append(k)
+    if scaled and unscaled:
+        raise CheckpointError(path, f"unknown FP8 layout: {scaled} FP8 weights carry a scale_weight but {len(unscaled)} "
+                                    f"do not (first: {unscaled[0]}). The file is damaged or mixes two formats.")
+    orphan = [k for k in plain if k.endswith(SCALE) and k[: -len(SCALE)] + ".weight" not in plain]
+    if orphan:
+        raise CheckpointError(path, f"unknown FP8 layout: {len(orphan)} scale tensors have no weight (first: "
+                              f"{orphan[0]}). The file is incomplete or in a format this loader does not know.")
+    granularity = "none" if not scaled else (grans.pop() if len(grans) == 1 else "mixed")
+    if fmt == FORMAT_FP8 or metadata.get(GRANULARITY_KEY):
+        name = "ovi"
+    elif not scaled:
+        name = "official-plain"
+    elif marker is not None and "_kj" not in (Path(path).name.lower() if path else ""):
+        name = "comfy-scaled"
+    else:
+        name = "kj-scaled"
+    return Fp8Layout(name, dtypes.pop(), granularity, len(fp8), metadata.get(SOURCE_KEY))
+
+
+def _scalar_or_rows(scale: torch.Tensor, gran: str) -> torch.Tensor:
+    s = scale.to(torch.float32)
+    return s.reshape(()) if gran == "tensor" else s.reshape(-1, 1)
+
+
+def prepare_fp8_model(model: nn.Module, sources: Mapping[str, TensorSource], path) -> tuple[dict[str, TensorSource], int]:
+    """Swap every ``nn.Linear`` of ``model`` (built on meta) whose weight is FP8 in ``sources`` for an
+    ``FP8Linear`` with the file's scale granularity; any other FP8 tensor (or scaled non-FP8 weight) is
+    dequantised at load. Returns the sources keyed for the changed model and the number of FP8 linears."""
+    src = strip_fp8_extras(sources)
+    owners = dict(model.named_modules())
+    out: dict[str, TensorSource] = {}
+    count = 0
+    consumed: set[str] = set()
+    for key, s in src.items():
+        if key.endswith(SCALE):
+            continue
+        module_name, _, leaf = key.rpartition(".")
+        scale = src.get(module_name + SCALE) if leaf == "weight" else None
+        if scale is not None:
+            consumed.add(module_name + SCALE)
+        module = owners.get(module_name)
+        if s.dtype in FP8_DTYPES and leaf == "weight" and isinstance(module, nn.Linear) and len(s.shape) == 2:
+            gran = "tensor" if scale is None else _granularity(tuple(scale.shape), tuple(s.shape))
+            if gran is None:
+                raise CheckpointError(path, f"unknown FP8 layout: {module_name}{SCALE} has shape {list(scale.shape)}.")
+            with meta_device():
+                fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, gran, s.dtype)
+            parent, _, child = module_name.rpartition(".")
+            setattr(owners[parent] if parent else model, child, fp8)
+            owners[module_name] = fp8
+            out[key] = s
+            shape = () if gran == "tensor" else (module.out_features, 1)
+            out[module_name + SCALE] = (
+                DerivedSource((), lambda: torch.ones((), dtype=torch.float32), shape, torch.float32) if scale is None
+                else DerivedSource((scale,), lambda t, g=gran: _scalar_or_rows(t, g), shape, torch.float32))
+            count += 1
+        elif s.dtype in FP8_DTYPES or scale is not None:
+            inputs = (s,) if scale is None else (s, scale)
+            out[key] = DerivedSource(inputs, lambda w, sc=None: dequantise_fp8(w, None if sc is None else
+                                                                                (sc if sc.numel() == 1 else sc.reshape(-1, *[1] * (w.ndim - 1)))),
+                                     tuple(s.shape), torch.float32)
+        else:
+            out[key] = s
+    stray = [k for k in src if k.endswith(SCALE) and k not in consumed]
+    if stray:
+        raise CheckpointError(path, f"unknown FP8 layout: {len(stray)} scale tensors have no matching weight (first: "
+                                    f"{stray[0]}).")
+    log.debug("fp8: %d linear layers keep FP8 weights", count)
+    return out, count
+
+
+# Which weights the converter quantises: the 2-D linears of every block (attention, fusion k/v, FFN).
+QUANTISED_RE = re.compile(r"(?:^|\.)blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o|k_fusion|v_fusion)|ffn\.(?:0|2))"
+                          r"\.weight$")
+
+
+def is_quantised_key(key: str) -> bool:
+    return QUANTISED_RE.search(key) is not None

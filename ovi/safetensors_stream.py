@@ -1,0 +1,174 @@
+"""Streaming safetensors I/O: a writer that needs only one tensor in memory at a time, and a reader that
+reads tensors with plain file reads instead of a memory map.
+
+The writer takes the names, shapes and dtypes of every tensor up front, writes the header with all the
+offsets, then the tensors one at a time in that order, so peak memory is the largest tensor, not the file.
+It writes to ``<dst>.partial`` and renames on success, so an interrupted run leaves no truncated file behind.
+
+The reader matters for converters: pages of a memory-mapped file that were read stay in the process's
+resident set until the kernel reclaims them, so walking a 23 GB checkpoint through ``safe_open`` shows up as
+23 GB of RSS. Reading each tensor into a fresh buffer and dropping it keeps RSS at one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from .loading import CheckpointError, TensorSource
+
+ST_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_ST_DTYPES = {v: k for k, v in ST_DTYPE_NAMES.items()}
+
+
+def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor without a copy (a contiguous copy only if it is not contiguous)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+class StreamingWriter:
+    """``with StreamingWriter(path, [(name, shape, dtype), ...], metadata) as w: w.write(name, tensor) ...``
+
+    Tensors must be written in the declared order with the declared shape and dtype; closing checks that
+    every one was written, then moves the file into place.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.entries = [(str(n), tuple(int(d) for d in s), dt) for n, s, dt in entries]
+        names = [n for n, _, _ in self.entries]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in a safetensors file")
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, shape, dtype in self.entries:
+            if dtype not in ST_DTYPE_NAMES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the tensor data starts 8-byte aligned
+        self.data_bytes = offset
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self._f = open(self.tmp, "wb")
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.entries):
+            raise ValueError(f"{name}: more tensors written than declared")
+        want, shape, dtype = self.entries[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected {want} {list(shape)} {dtype} next, got {name} {list(tensor.shape)} "
+                             f"{tensor.dtype}")
+        if tensor.numel():
+            self._f.write(_raw(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._next != len(self.entries):
+            self.tmp.unlink(missing_ok=True)
+            raise ValueError(f"only {self._next} of {len(self.entries)} declared tensors were written")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+@dataclass
+class _ReadSource(TensorSource):
+    reader: "StreamingReader"
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.reader.read(self.key)
+
+
+class StreamingReader:
+    """Tensors of one safetensors file, each read into its own buffer on request (no memory map)."""
+
+    def __init__(self, path: str | os.PathLike, *, prefix: str = ""):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self._f = open(self.path, "rb")
+        try:
+            n = int.from_bytes(self._f.read(8), "little")
+            if n <= 0 or n > size - 8:
+                raise CheckpointError(self.path, f"not a valid safetensors file (header length {n}).")
+            header = json.loads(self._f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            self._f.close()
+            raise CheckpointError(self.path, f"unreadable safetensors header ({e}).") from e
+        self._base = 8 + n
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._info: dict[str, tuple[str, tuple[int, ...], torch.dtype, int, int]] = {}
+        for key, info in header.items():
+            if not key.startswith(prefix):
+                continue
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(self.path, f"tensor {key!r} has dtype {info['dtype']}, which is not read.")
+            start, end = info["data_offsets"]
+            if self._base + end > size:
+                raise CheckpointError(self.path, f"truncated: tensor {key!r} ends past the end of the file.")
+            self._info[key[len(prefix):]] = (key, tuple(info["shape"]), dtype, start, end)
+
+    def sources(self) -> dict[str, TensorSource]:
+        return {k: _ReadSource(self, k, shape, dtype) for k, (_, shape, dtype, _, _) in self._info.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        _, shape, dtype, start, end = self._info[key]
+        buf = bytearray(end - start)
+        self._f.seek(self._base + start)
+        if self._f.readinto(buf) != len(buf):
+            raise CheckpointError(self.path, f"truncated while reading {key!r}.")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "StreamingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
