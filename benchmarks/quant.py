@@ -268,7 +268,13 @@ def fp8_section(args) -> list[str]:
     return lines
 
 
-SECTIONS = {"fp8": fp8_section}
+def gguf_section(args) -> list[str]:
+    from quant_gguf import gguf_section as run
+
+    return run(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+SECTIONS = {"fp8": fp8_section, "gguf": gguf_section}
 
 
 def main() -> int:

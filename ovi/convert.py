@@ -171,17 +171,18 @@ def _numel(shape) -> int:
 
 
 def convert(src, dst, *, to: str, granularity: str = DEFAULT_GRANULARITY, variant: str | None = None) -> dict:
-    """Dispatch on the target format (``fp8`` here; ``gguf-*`` in ``quant.gguf_convert``)."""
+    """Dispatch on the target format (``fp8`` here; ``gguf-*`` in ``quant.gguf_write``)."""
     if to == "fp8":
         return convert_fp8(src, dst, granularity=granularity, variant=variant)
     if to in GGUF_TARGETS:
-        try:
-            from .quant.gguf_convert import convert_gguf
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.quant.gguf_convert":
-                raise
-            raise ValueError(f"--to {to}: GGUF conversion is not part of this install") from None
-        return convert_gguf(src, dst, qtype=to.removeprefix("gguf-"), variant=variant)
+        from .quant.gguf_write import convert_gguf
+
+        if not isinstance(src, (str, os.PathLike)):
+            raise ValueError(f"--to {to}: give one source file (a split video/audio pair converts to FP8 only)")
+        if variant is not None:
+            log.warning("--variant is recorded for FP8 files only; a GGUF file takes the variant from its source")
+        path = convert_gguf(src, dst, to.removeprefix("gguf-"))
+        return {"path": str(path), "bytes": Path(path).stat().st_size}
     raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
 
 

@@ -157,7 +157,7 @@ def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[
     quant = sorted((k for k in kinds if k not in plain), key=lambda k: -kinds[k])
     meta = {}
     for name, f in reader.fields.items():
-        if name.startswith("general.") and f.types and f.types[0] == gguf.GGUFValueType.STRING:
+        if name.startswith(("general.", "ovi.")) and f.types and f.types[0] == gguf.GGUFValueType.STRING:
             meta[name] = bytes(f.parts[-1]).decode("utf-8", "replace")
     return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta, sum(kinds.values())
 
@@ -204,6 +204,11 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         data_bytes = sum(dtype_bytes.values())
     if not keys:
         raise CheckpointError(p, "the file holds no tensors.")
+    if fmt == "gguf" and any(k.startswith("enc.blk.") for k in keys):  # llama.cpp's T5 tensor names
+        from .quant.gguf_load import official_t5_name
+
+        shapes = {official_t5_name(k): v for k, v in shapes.items()}
+        keys = list(shapes)
     component, layout = _component(keys, shapes)
     if fmt != "gguf" and fp8_layout is not None and component.startswith("fusion"):
         quant = fp8_layout.summary()

@@ -275,6 +275,15 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True when the file starts with the GGUF magic (a renamed file still takes the GGUF loader)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def identify_component(keys: Iterable[str]) -> str | None:
     """Name of the known component whose anchor keys appear in ``keys`` (None if none does)."""
     keyset = set(keys)

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..loading import (meta_device, FP8_DTYPES, KNOWN_COMPONENTS, CheckpointError, CheckpointReader, DerivedSource,
+from ..loading import (is_gguf, meta_device, FP8_DTYPES, KNOWN_COMPONENTS, CheckpointError, CheckpointReader, DerivedSource,
                        TensorSource, check_keys, identify_component, load_into_module)
 from ..log import log
 from ..quant.fp8_checkpoint import Fp8Layout, detect_fp8_layout, prepare_fp8_model, strip_fp8_extras
@@ -222,6 +222,13 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
     FP8 files load their FP8 linear weights into ``FP8Linear`` layers (weight and float32 scale kept as
     stored); ``fp8_compute`` ("auto" | "scaled_mm" | "upcast", None = auto) picks how those layers compute."""
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if any(is_gguf(p) for p in paths):
+        if len(paths) != 1:
+            raise CheckpointError(paths[0], "a GGUF fusion model is one file; split video/audio pairs are read from "
+                                            "safetensors only")
+        from ..quant.gguf_load import load_fusion_gguf
+
+        return load_fusion_gguf(paths[0], device=device, dtype=dtype, config=config)
     files, readers, branches, label = _collect(paths, prefix)
     fp8_linears = 0
     try:

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from ..loading import (meta_device, FP8_DTYPES, CheckpointError, CheckpointReader, DerivedSource, TensorSource, check_keys,
+from ..loading import (is_gguf, meta_device, FP8_DTYPES, CheckpointError, CheckpointReader, DerivedSource, TensorSource, check_keys,
                        load_into_module)
 from ..log import log
 from .tokenizer import UMT5Tokenizer
@@ -164,7 +164,12 @@ def _check_v11(path, shapes: Mapping[str, tuple[int, ...]]) -> None:
 
 def load_umt5(path: str | os.PathLike, *, prefix: str = "", device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.bfloat16, config: UMT5Config | None = None) -> UMT5Encoder:
-    """Build the encoder on ``meta`` and fill it from ``path`` (any supported layout), tensor by tensor."""
+    """Build the encoder on ``meta`` and fill it from ``path`` (any supported layout, GGUF included), tensor by
+    tensor."""
+    if is_gguf(path):
+        from ..quant.gguf_load import load_umt5_gguf
+
+        return load_umt5_gguf(path, device=device, dtype=dtype, config=config)
     with CheckpointReader(path, prefix=prefix) as reader:
         layout, sources = umt5_sources(reader)
         shapes = {k: tuple(s.shape) for k, s in sources.items()}
