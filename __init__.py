@@ -4,7 +4,9 @@ Importing this module must stay cheap: the engine (torch models, sentencepiece, 
 node runs, so a missing optional dependency shows up as a clear error on that node instead of vanished nodes.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .utils.folders import register as _register_folders
+
+_register_folders()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

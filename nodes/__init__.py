@@ -1,0 +1,28 @@
+"""The Ovi nodes (V1 node API). Importing this imports no torch and no ComfyUI module: the classes import what
+they need when they run."""
+
+from .decode import OviDecode
+from .latents import OviLoadLatent, OviSaveLatent
+from .loaders import OviComponentLoader, OviEngineLoader
+from .sampler import OviSampler
+from .video import OviSaveVideo
+
+NODE_CLASS_MAPPINGS = {
+    "OviComponentLoader": OviComponentLoader,
+    "OviEngineLoader": OviEngineLoader,
+    "OviSampler": OviSampler,
+    "OviDecode": OviDecode,
+    "OviSaveLatent": OviSaveLatent,
+    "OviLoadLatent": OviLoadLatent,
+    "OviSaveVideo": OviSaveVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OviComponentLoader": "Ovi Component Loader",
+    "OviEngineLoader": "Ovi Engine Loader",
+    "OviSampler": "Ovi Sampler",
+    "OviDecode": "Ovi Decode",
+    "OviSaveLatent": "Ovi Save Latent",
+    "OviLoadLatent": "Ovi Load Latent",
+    "OviSaveVideo": "Ovi Save Video (mp4)",
+}

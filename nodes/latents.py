@@ -1,0 +1,141 @@
+"""Ovi's LATENT and the nodes that save it to and load it from one .safetensors file.
+
+The LATENT is a plain ComfyUI latent dict, so core latent plumbing (reroutes, caches, previews of "samples")
+passes it through: ``samples`` is the video latent [1, 48, F, h, w]; ``ovi_audio`` the audio latent [1, L, 20];
+``ovi`` a dict of metadata (variant, seed, frame size, mode, prompt and settings) the decoder needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+AUDIO_KEY = "ovi_audio"
+META_KEY = "ovi"
+FILE_META_KEY = "ovi.latent"  # safetensors header metadata: the JSON of the ``ovi`` dict
+LATENT_DIR = "latents"  # under the output folder; OviLoadLatent also lists files saved there
+
+
+def to_latent(result) -> dict:
+    """An engine GenerationResult -> LATENT."""
+    meta = {"variant": result.variant, "seed": int(result.seed), "height": int(result.height),
+            "width": int(result.width), "mode": result.mode, "prompt": result.prompt,
+            "settings": dict(result.settings)}
+    return {"samples": result.video_latent[None].float(), AUDIO_KEY: result.audio_latent[None].float(),
+            META_KEY: meta}
+
+
+def from_latent(latent) -> object:
+    """LATENT -> an engine GenerationResult for ``OviEngine.decode``; a clear error for any other latent."""
+    from ..ovi.engine import GenerationResult
+
+    if not isinstance(latent, dict) or AUDIO_KEY not in latent or META_KEY not in latent:
+        raise ValueError("this LATENT is not an Ovi latent (it has no audio latent): connect the output of "
+                         "OviSampler or OviLoadLatent.")
+    video, audio, meta = latent["samples"], latent[AUDIO_KEY], latent[META_KEY]
+    if video.dim() != 5 or video.shape[0] != 1 or audio.dim() != 3 or audio.shape[0] != 1:
+        raise ValueError(f"an Ovi latent holds one clip: video [1, 48, F, h, w] and audio [1, L, 20], got "
+                         f"{list(video.shape)} and {list(audio.shape)}")
+    return GenerationResult(video_latent=video[0].float(), audio_latent=audio[0].float(),
+                            height=int(meta.get("height", video.shape[-2] * 16)),
+                            width=int(meta.get("width", video.shape[-1] * 16)), variant=meta["variant"],
+                            seed=int(meta.get("seed", 0)), mode=meta.get("mode", "t2av"),
+                            prompt=meta.get("prompt", ""), settings=dict(meta.get("settings", {})))
+
+
+def _latent_files() -> list[str]:
+    import folder_paths
+
+    found = []
+    for base, suffix in ((folder_paths.get_input_directory(), ""),
+                         (os.path.join(folder_paths.get_output_directory(), LATENT_DIR), " [output]")):
+        prefix = "" if not suffix else LATENT_DIR + "/"
+        for root, _, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.lower().endswith(".safetensors"):
+                    rel = os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")
+                    found.append(f"{prefix}{rel}{suffix}")
+    return sorted(found)
+
+
+class OviSaveLatent:
+    DESCRIPTION = "Saves an Ovi latent (video + audio latents and their metadata) as one .safetensors file."
+    CATEGORY = "Ovi"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "latent": ("LATENT",),
+            "filename_prefix": ("STRING", {"default": f"{LATENT_DIR}/Ovi",
+                                           "tooltip": "Under the output folder; OviLoadLatent lists files saved "
+                                                      f"in output/{LATENT_DIR}."}),
+        }}
+
+    def save(self, latent, filename_prefix):
+        import folder_paths
+        from safetensors.torch import save_file
+
+        result = from_latent(latent)  # validates before anything is written
+        out = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out)
+        os.makedirs(folder, exist_ok=True)
+        file = f"{name}_{counter:05}_.safetensors"
+        tensors = {"samples": latent["samples"].contiguous().cpu(), AUDIO_KEY: latent[AUDIO_KEY].contiguous().cpu()}
+        meta = {FILE_META_KEY: json.dumps(latent[META_KEY]), "format": "pt"}
+        save_file(tensors, os.path.join(folder, file), metadata=meta)
+        from ..ovi.log import log
+
+        log.info("saved the %s latent (seed %d) to %s", result.variant, result.seed, os.path.join(folder, file))
+        return {"ui": {"latents": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+
+
+class OviLoadLatent:
+    DESCRIPTION = (f"Loads a latent saved by OviSaveLatent, from the input folder or output/{LATENT_DIR}, so it "
+                   "can be decoded again without sampling.")
+    CATEGORY = "Ovi"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent": (_latent_files(), {"tooltip": "A .safetensors file from OviSaveLatent."})}}
+
+    @classmethod
+    def _path(cls, name: str) -> str:
+        import folder_paths
+
+        return folder_paths.get_annotated_filepath(name)
+
+    @classmethod
+    def IS_CHANGED(cls, latent):
+        try:
+            st = os.stat(cls._path(latent))
+        except OSError:
+            return float("nan")  # never equal: re-run and let load() report the missing file
+        return f"{st.st_mtime_ns}:{st.st_size}"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, latent):
+        if not os.path.isfile(cls._path(latent)):
+            return f"latent file not found: {latent}"
+        return True
+
+    def load(self, latent):
+        from safetensors import safe_open
+
+        path = self._path(latent)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            if FILE_META_KEY not in meta or not {"samples", AUDIO_KEY} <= keys:
+                raise ValueError(f"{latent} is not an Ovi latent file (saved by OviSaveLatent): it lacks "
+                                 f"{'the ' + FILE_META_KEY + ' metadata' if FILE_META_KEY not in meta else 'tensors'}"
+                                 f" (it has {', '.join(sorted(keys)) or 'no tensors'}).")
+            out = {"samples": f.get_tensor("samples"), AUDIO_KEY: f.get_tensor(AUDIO_KEY),
+                   META_KEY: json.loads(meta[FILE_META_KEY])}
+        from_latent(out)  # same checks as for a sampler's output
+        return (out,)

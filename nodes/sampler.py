@@ -1,0 +1,87 @@
+"""The sampler node: prompt (+ optional first frame) -> video and audio latents as one LATENT."""
+
+from __future__ import annotations
+
+from .latents import to_latent
+
+SOLVERS = ("unipc", "euler", "dpm++")  # ovi.sampling.schedules.SOLVERS
+# The official inference config's negatives.
+VIDEO_NEGATIVE = "jitter, bad hands, blur, distortion"
+AUDIO_NEGATIVE = "robotic, muffled, echo, distorted"
+EXAMPLE_PROMPT = ("A woman in a yellow raincoat stands on a pier at dusk, waves rolling in behind her. She smiles "
+                  "and says <S>The storm is finally over.<E> Audio: waves breaking, distant gulls, a calm female "
+                  "voice.")
+SEED_MAX = 2 ** 63 - 1  # the engine's seeded generators take signed 64-bit seeds
+
+
+def frame_size(width: int, height: int) -> tuple[int, int] | None:
+    """(H, W) used exactly, or None (both 0) for the variant's default; anything else is a clear error."""
+    if width == 0 and height == 0:
+        return None
+    if width == 0 or height == 0:
+        raise ValueError(f"width {width} x height {height}: give both, or set both to 0 for the variant's "
+                         "default size.")
+    if width % 32 or height % 32:
+        w, h = max(32, round(width / 32) * 32), max(32, round(height / 32) * 32)
+        raise ValueError(f"width {width} x height {height}: both must be multiples of 32 (the VAE downsamples by "
+                         f"16 and the model patches 2x2). The size is used exactly, never snapped: try {w} x {h}.")
+    return height, width
+
+
+class OviSampler:
+    DESCRIPTION = ("Generates video and audio latents together: text to audio+video, or image to audio+video when "
+                   "an IMAGE is connected (it becomes the first frame). Speech goes in <S>...<E>, sounds after "
+                   "'Audio:'.")
+    CATEGORY = "Ovi"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "engine": ("OVI_ENGINE",),
+                "prompt": ("STRING", {"multiline": True, "default": EXAMPLE_PROMPT,
+                                      "tooltip": "Scene, speech in <S>...<E>, and the sound after 'Audio:'."}),
+                "video_negative_prompt": ("STRING", {"multiline": True, "default": VIDEO_NEGATIVE}),
+                "audio_negative_prompt": ("STRING", {"multiline": True, "default": AUDIO_NEGATIVE}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32, "tooltip":
+                                  "Frame width, a multiple of 32, used exactly. 0 (with height 0): the variant's "
+                                  "default (704x704 or 960x960), or the image's shape at the variant's area."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 32,
+                                   "tooltip": "Frame height, a multiple of 32, used exactly (see width)."}),
+                "seed": ("INT", {"default": 100, "min": 0, "max": SEED_MAX, "control_after_generate": True}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+                "solver": (list(SOLVERS), {"default": "unipc"}),
+                "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.1,
+                                    "tooltip": "Flow-matching timestep shift."}),
+                "video_guidance": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "audio_guidance": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "slg_layer": ("INT", {"default": 11, "min": -1, "max": 100, "tooltip":
+                                      "Fused layer skipped in the negative pass (skip-layer guidance); "
+                                      "0 or -1: none."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "First frame for image-to-video (the first image of a batch)."}),
+            },
+        }
+
+    def sample(self, engine, prompt, video_negative_prompt, audio_negative_prompt, width, height, seed, steps, solver,
+               shift, video_guidance, audio_guidance, slg_layer, image=None):
+        from ..utils.model_management import prepare
+        from ..utils.progress import interruptible, progress_bar, should_stop
+
+        size = frame_size(int(width), int(height))
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty: describe the video, with speech in <S>...<E> and the sound after "
+                             "'Audio:'.")
+        with interruptible():
+            prepare(engine)
+            result = engine.engine.generate(
+                prompt, image=image, video_negative_prompt=video_negative_prompt,
+                audio_negative_prompt=audio_negative_prompt, size=size, seed=int(seed), steps=int(steps),
+                solver=solver, shift=float(shift), video_guidance=float(video_guidance),
+                audio_guidance=float(audio_guidance), slg_layer=int(slg_layer), progress=progress_bar(int(steps)),
+                should_stop=should_stop)
+        return (to_latent(result),)

@@ -1,0 +1,278 @@
+"""Helpers for the Ovi node tests (tests/comfy/test_nodes_*.py): the documented node interface, the shipped
+workflows rewritten to the tiny checkpoint, a websocket listener for ComfyUI's progress messages, checks on the
+mp4 files, and model files of the kinds the loaders must refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .harness import ROOT, ComfyServer
+
+WORKFLOWS = ROOT / "workflows"
+PACK_MODULE_PREFIX = "custom_nodes."
+
+# The node reference (README "ComfyUI nodes"): required and optional inputs in order, and the outputs.
+NODES = {
+    "OviComponentLoader": (["text_encoder", "video_vae", "audio_vae", "vocoder"], [], ["OVI_COMPONENTS"]),
+    "OviEngineLoader": (["model", "components", "variant", "precision", "memory_mode", "block_swap_layers",
+                         "attention"], [], ["OVI_ENGINE"]),
+    "OviSampler": (["engine", "prompt", "video_negative_prompt", "audio_negative_prompt", "width", "height", "seed",
+                    "steps", "solver", "shift", "video_guidance", "audio_guidance", "slg_layer"], ["image"],
+                   ["LATENT"]),
+    "OviDecode": (["engine", "latent", "tile_size", "tile_overlap", "vae_precision"], [],
+                  ["IMAGE", "AUDIO", "FLOAT", "VIDEO"]),
+    "OviSaveLatent": (["latent", "filename_prefix"], [], []),
+    "OviLoadLatent": (["latent"], [], ["LATENT"]),
+    "OviSaveVideo": (["images", "fps", "filename_prefix", "crf"], ["audio"], []),
+}
+API_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*_api.json"))
+UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+TEST_SIZE = (96, 64)  # width, height: small, both multiples of 32, not square (catches swapped axes)
+TEST_STEPS = 2
+FOLDERS = {"text_encoder": "text_encoders", "video_vae": "vae", "audio_vae": "mmaudio", "vocoder": "mmaudio"}
+
+
+COMPONENTS = {"text_encoder": "umt5_xxl_fp16.safetensors", "video_vae": "wan2.2_vae.safetensors",
+              "audio_vae": "v1-16.pth", "vocoder": "best_netG.pt"}
+
+
+def graph(tag: str, *, model="model.safetensors", components=None, engine=None, sampler=None, decode=True) -> dict:
+    """Loader -> engine -> sampler (-> decode -> OviSaveVideo), or -> OviSaveLatent with decode=False."""
+    api = {
+        "1": {"class_type": "OviComponentLoader", "inputs": {**COMPONENTS, **(components or {})}},
+        "2": {"class_type": "OviEngineLoader", "inputs": {
+            "model": model, "components": ["1", 0], "variant": "auto", "precision": "auto", "memory_mode": "auto",
+            "block_swap_layers": 0, "attention": "auto", **(engine or {})}},
+        "3": {"class_type": "OviSampler", "inputs": {
+            "engine": ["2", 0], "prompt": "A dog barks at a passing bus. Audio: barking, engine noise",
+            "video_negative_prompt": "blur", "audio_negative_prompt": "muffled", "width": 96, "height": 64,
+            "seed": 5, "steps": 2, "solver": "unipc", "shift": 5.0, "video_guidance": 4.0, "audio_guidance": 3.0,
+            "slg_layer": 1, **(sampler or {})}},
+    }
+    if decode:
+        api["4"] = {"class_type": "OviDecode", "inputs": {"engine": ["2", 0], "latent": ["3", 0], "tile_size": 0,
+                                                           "tile_overlap": 8, "vae_precision": "auto"}}
+        api["5"] = {"class_type": "OviSaveVideo", "inputs": {"images": ["4", 0], "audio": ["4", 1], "fps": ["4", 2],
+                                                             "filename_prefix": f"nodes/{tag}", "crf": 18}}
+    else:
+        api["5"] = {"class_type": "OviSaveLatent", "inputs": {"latent": ["3", 0], "filename_prefix": f"latents/{tag}"}}
+    return api
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def tiny_api(api: dict, models: dict[str, list[str]], tag: str, image: str | None = None) -> dict:
+    """A shipped API workflow made cheap: every file it names must be one the tiny set provides (make_tiny writes
+    the real file names), 2 steps, 96x64, SLG on the tiny model's layer 1, output prefixes tagged so each run
+    writes new files."""
+    api = copy.deepcopy(api)
+    for node_id, node in api.items():
+        ins, kind = node["inputs"], node["class_type"]
+        if kind == "OviComponentLoader":
+            for key, folder in FOLDERS.items():
+                assert ins[key] in models[folder], f"{key} {ins[key]!r} is not a file the tiny set provides"
+        elif kind == "OviEngineLoader":
+            assert ins["model"] in models["diffusion_models"], ins["model"]
+        elif kind == "OviSampler":
+            ins.update(steps=TEST_STEPS, width=TEST_SIZE[0], height=TEST_SIZE[1], slg_layer=1)
+        elif kind == "LoadImage":
+            assert image is not None, "this workflow loads an image: pass one"
+            ins["image"] = image
+        if isinstance(ins.get("filename_prefix"), str):
+            folder, _, base = ins["filename_prefix"].rpartition("/")
+            ins["filename_prefix"] = f"{folder + '/' if folder else ''}{tag}_{base}"
+    return api
+
+
+def variant_of(api: dict) -> str:
+    """The variant the workflow's fusion file is (the tiny files carry it in their header, the name says it too)."""
+    from ovi.variants import known_file
+
+    (model,) = [n["inputs"]["model"] for n in api.values() if n["class_type"] == "OviEngineLoader"]
+    return known_file(model).variant
+
+
+def png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x * y) % 256], -1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def check_clip(path: Path, variant: str, size: tuple[int, int] = TEST_SIZE) -> dict:
+    """The mp4 has one H.264 video and one AAC audio stream with the variant's frame count, frame size and
+    durations (video T/fps, audio N/16000 within one AAC frame). Returns the probe."""
+    from ovi.variants import VARIANTS
+    from ovi.video_io import probe_mp4
+
+    v = VARIANTS[variant]
+    info = probe_mp4(path)
+    kinds = sorted(s["type"] for s in info["streams"])
+    assert kinds == ["audio", "video"], (path, info["streams"])
+    video, audio = info["video"], info["audio"]
+    assert video["codec"] == "h264" and (video["width"], video["height"]) == size, video
+    assert video["frames"] == v.video_frames, (video, v)
+    assert abs(video["duration"] - v.video_frames / v.fps) < 1.5 / v.fps, video
+    assert audio["codec"] == "aac" and audio["sample_rate"] == v.sample_rate, audio
+    assert abs(audio["duration"] - v.audio_samples / v.sample_rate) <= 1024 / v.sample_rate, (audio, v)
+    return info
+
+
+def output_videos(server: ComfyServer, result) -> dict[str, Path]:
+    """{node id: mp4 path} for every video output of a finished prompt."""
+    found = {}
+    for node_id, out in result.outputs.items():
+        for entry in out.get("images", []):
+            if entry["filename"].endswith(".mp4"):
+                found[node_id] = server.file_path(entry)
+    return found
+
+
+def error_text(result) -> str:
+    """The error of a failed prompt as one string (runtime exception message, or the 400 body)."""
+    if isinstance(result.error, dict) and "exception_message" in result.error:
+        return f"{result.error.get('node_type')}: {result.error['exception_message']}"
+    return json.dumps(result.error)
+
+
+def wait_log(server: ComfyServer, pattern: str, start: int = 0, timeout: float = 30.0) -> re.Match:
+    """The first match of ``pattern`` in the server log after character ``start``, waiting for it."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while True:
+        m = rx.search(server.log_text(), start)
+        if m:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line matching {pattern!r} within {timeout:.0f} s\n{server.log_tail(40)}")
+        time.sleep(0.1)
+
+
+class Progress:
+    """Listens on ComfyUI's websocket (/ws?clientId=...) in a thread and keeps the JSON messages; queue prompts
+    with ``client_id`` to receive their progress."""
+
+    def __init__(self, server: ComfyServer):
+        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId="
+        self.client_id = uuid.uuid4().hex
+        self.messages: list[dict] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession() as session:  # trust_env=False: never through a proxy
+                async with session.ws_connect(self.url + self.client_id, heartbeat=20) as ws:
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            self.messages.append(json.loads(msg.data))
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+        except BaseException as e:  # reported by __enter__/wait_for
+            self._error = e
+            self._ready.set()
+
+    def __enter__(self) -> "Progress":
+        self._thread.start()
+        if not self._ready.wait(15) or self._error is not None:
+            raise AssertionError(f"could not open ComfyUI's websocket: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def steps(self, node: str, prompt_id: str | None = None) -> list[tuple[int, int]]:
+        """(value, max) of every progress message for ``node``."""
+        return [(m["data"]["value"], m["data"]["max"]) for m in list(self.messages)
+                if m.get("type") == "progress" and str(m["data"].get("node")) == node
+                and (prompt_id is None or m["data"].get("prompt_id") == prompt_id)]
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self._error is not None:
+                raise AssertionError(f"websocket failed: {self._error!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"progress did not arrive within {timeout:.0f} s: {self.messages[-10:]}")
+            time.sleep(0.05)
+
+
+def write_fp8_fusion(src: Path, dst: Path) -> Path:
+    """The tiny fusion model with its matrices cast to float8_e4m3fn, as an FP8 checkpoint holds them."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: t.to(torch.float8_e4m3fn) if t.dim() == 2 and t.is_floating_point() else t
+               for k, t in tensors.items()}
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def write_gguf(dst: Path, names: tuple[str, ...]) -> Path:
+    """A small valid GGUF file holding tensors with the given names (only the container matters here)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(dst), "ovi")
+    for i, name in enumerate(names):
+        writer.add_tensor(name, np.full((4, 8), i, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def run_ui_jobs(url: str, jobs: list[dict], timeout: float = 150.0) -> list[dict]:
+    """Run tests/comfy/ui_workflows.js (one headless Chromium for all jobs); its per-job results."""
+    import os
+    import subprocess
+    import tempfile
+
+    from .harness import CHROMIUM, NODE_MODULES, ComfyError
+
+    script = Path(__file__).with_name("ui_workflows.js")
+    with tempfile.TemporaryDirectory(prefix="ovi-ui-") as tmp:
+        jobs_file = Path(tmp) / "jobs.json"
+        jobs_file.write_text(json.dumps(jobs))
+        cmd = ["node", str(script), "--url", url, "--jobs", str(jobs_file), "--chromium", CHROMIUM,
+               "--timeout-ms", str(int(timeout * 1000)), "--profile-dir", tmp]
+        env = dict(os.environ, NODE_PATH=str(NODE_MODULES), NO_PROXY="*", no_proxy="*")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout + 30,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise ComfyError(f"ui_workflows.js overran {timeout + 30:.0f} s: {e.stdout!r} {e.stderr!r}") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    summary = json.loads(lines[-1]) if lines else {}
+    if proc.returncode or not summary.get("ok"):
+        raise ComfyError(f"ui_workflows.js exit {proc.returncode}: {summary.get('error')}\n{proc.stderr[-3000:]}")
+    return summary["results"]

@@ -1,0 +1,246 @@
+"""The Ovi nodes inside a real ComfyUI 0.3.75 server, over its HTTP API: /object_info, every shipped API workflow
+on the tiny checkpoint, latents saved and decoded again, the errors users can run into, the interrupt button,
+and /free releasing the engine through ComfyUI's model management."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .harness import PromptResult, combo_options
+from .nodes_helpers import (API_WORKFLOWS, NODES, Progress, check_clip, error_text, graph, load_workflow,
+                            output_videos, png, tiny_api, variant_of, wait_log, write_fp8_fusion, write_gguf)
+
+# -- the node interface ------------------------------------------------------------------------------------
+def test_object_info_lists_every_node_from_this_pack(comfy_server, comfy_models):
+    ours = comfy_server.pack_nodes()
+    assert sorted(ours) == sorted(NODES)
+    for name, (required, optional, outputs) in NODES.items():
+        info = ours[name]
+        assert info["python_module"] == f"custom_nodes.{comfy_server.pack_name}"
+        assert info["category"] == "Ovi" and info["description"], name
+        assert list(info["input"]["required"]) == required, name
+        assert list(info["input"].get("optional", {})) == optional, name
+        assert info["output"] == outputs, name
+        assert info["output_node"] == (name in ("OviSaveLatent", "OviSaveVideo")), name
+
+    engine = ours["OviEngineLoader"]
+    fusion = combo_options(engine, "model")
+    assert {"model.safetensors", "model_960x960.safetensors", "model_960x960_10s.safetensors"} <= set(fusion)
+    assert combo_options(engine, "variant") == ["auto", "720x720_5s", "960x960_5s", "960x960_10s"]
+    assert combo_options(engine, "memory_mode") == ["auto", "all_gpu", "offload", "block_swap"]
+    assert combo_options(engine, "attention") == ["auto", "sdpa", "flash_attn", "sage"]
+    comp = ours["OviComponentLoader"]
+    assert set(combo_options(comp, "text_encoder")) == {"umt5_xxl_fp16.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
+                                                       "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+    assert combo_options(comp, "video_vae")[0] == "wan2.2_vae.safetensors"  # the Wan2.2 file is the default
+    assert combo_options(comp, "audio_vae")[0] == "v1-16.pth" and combo_options(comp, "vocoder")[0] == "best_netG.pt"
+    sampler = ours["OviSampler"]["input"]["required"]
+    assert sampler["width"][1]["step"] == 32 and sampler["height"][1]["step"] == 32
+    assert combo_options(ours["OviSampler"], "solver") == ["unipc", "euler", "dpm++"]
+
+
+def test_folders_registered_without_disturbing_other_folders(comfy_server, comfy_models, tmp_path):
+    probe = write_gguf(tmp_path / "ovi_probe.gguf", ("video_model.blocks.0.self_attn.q.weight",))
+    placed = [comfy_server.models_dir / d / "ovi_probe.gguf" for d in ("diffusion_models", "text_encoders",
+                                                                        "checkpoints", "loras")]
+    try:
+        for p in placed:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.symlink_to(probe)
+        info = comfy_server.object_info()
+        # .gguf joins the fusion-model and text-encoder lists (ours and core's) ...
+        assert "ovi_probe.gguf" in combo_options(info["OviEngineLoader"], "model")
+        assert "ovi_probe.gguf" in combo_options(info["UNETLoader"], "unet_name")
+        assert "ovi_probe.gguf" in combo_options(info["OviComponentLoader"], "text_encoder")
+        # ... and nowhere else: folder_paths shares one extension set between many folders.
+        assert "ovi_probe.gguf" not in combo_options(info["CheckpointLoaderSimple"], "ckpt_name")
+        assert "ovi_probe.gguf" not in combo_options(info["LoraLoader"], "lora_name")
+    finally:
+        for p in placed:
+            p.unlink(missing_ok=True)
+    audio = sorted(p.name for p in (comfy_server.models_dir / "mmaudio").iterdir())
+    assert sorted(combo_options(info["OviComponentLoader"], "audio_vae")) == audio
+
+
+# -- the shipped workflows ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models):
+    tag = f"wf{int(time.time() * 1000) % 10**8}"
+    image = comfy_server.upload_image(png(80, 56), f"{tag}_first_frame.png")["name"]
+    api = tiny_api(load_workflow(name), comfy_models, tag, image=image)
+    variant = variant_of(api)
+    with Progress(comfy_server) as progress:
+        status, body = comfy_server.queue_prompt(api, client_id=progress.client_id)
+        assert status == 200, body
+        pid = body["prompt_id"]
+        entry = comfy_server.wait_for(pid, timeout=240)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:4000]
+        progress.wait_for(lambda: any(v == m for v, m in progress.steps("4", pid)), timeout=30)
+    videos = output_videos(comfy_server, PromptResult("success", pid, outputs=entry["outputs"]))
+    assert videos, entry["outputs"]
+    for path in videos.values():
+        assert tag in path.name
+        check_clip(path, variant)
+
+    # ComfyUI's progress bar moved once per denoising step, then through the decoded latent frames.
+    sampler_steps = progress.steps("3", pid)
+    assert [v for v, _ in sampler_steps] == [1, 2] and {m for _, m in sampler_steps} == {2}, sampler_steps
+    decoded = progress.steps("4", pid)
+    assert decoded[-1][0] == decoded[-1][1] > 1, decoded
+
+    for node_id, out in entry["outputs"].items():
+        for saved in out.get("latents", []):
+            with safe_open(str(comfy_server.file_path(saved)), "pt") as f:
+                meta = json.loads(f.metadata()["ovi.latent"])
+                assert meta["variant"] == variant and (meta["width"], meta["height"]) == (96, 64)
+                assert f.get_slice("ovi_audio").get_shape()[1] == {"720x720_5s": 157}.get(variant, 314)
+                assert f.get_slice("samples").get_shape()[:3] == [1, 48, 31 if variant != "960x960_10s" else 61]
+
+
+def test_latent_saved_then_loaded_decodes_to_the_same_frames(comfy_server, comfy_models):
+    from ovi.video_io import read_frames
+
+    tag = f"rt{int(time.time() * 1000) % 10**8}"
+    first = graph(tag)
+    first["6"] = {"class_type": "OviSaveLatent", "inputs": {"latent": ["3", 0], "filename_prefix": f"latents/{tag}"}}
+    result = comfy_server.run_prompt(first, timeout=240)
+    assert result.ok, result.summary()
+    (saved,) = result.outputs["6"]["latents"]
+    listed = combo_options(comfy_server.object_info("OviLoadLatent")["OviLoadLatent"], "latent")
+    name = f"latents/{saved['filename']} [output]"
+    assert name in listed, listed
+
+    save = {**first["5"], "inputs": {**first["5"]["inputs"], "filename_prefix": f"nodes/{tag}b"}}
+    again = {"1": first["1"], "2": first["2"], "3": {"class_type": "OviLoadLatent", "inputs": {"latent": name}},
+             "4": first["4"], "5": save}
+    reloaded = comfy_server.run_prompt(again, timeout=240)
+    assert reloaded.ok, reloaded.summary()
+    a, b = output_videos(comfy_server, result)["5"], output_videos(comfy_server, reloaded)["5"]
+    check_clip(b, "720x720_5s")
+    assert (read_frames(a) == read_frames(b)).all()
+
+
+# -- errors the user can run into ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wrong_files(comfy_server, comfy_models, tiny_checkpoints):
+    """Files of the kinds the loaders must refuse, placed where the loaders list them."""
+    models = comfy_server.models_dir
+    made = {
+        "fp8": write_fp8_fusion(tiny_checkpoints / "Ovi" / "model.safetensors",
+                                models / "diffusion_models" / "ovi_test_fp8_e4m3fn.safetensors"),
+        "gguf": write_gguf(models / "diffusion_models" / "ovi_test-Q4_K.gguf",
+                           ("video_model.blocks.0.self_attn.q.weight", "audio_model.blocks.0.self_attn.q.weight")),
+        "gguf_te": write_gguf(models / "text_encoders" / "umt5_test-Q8_0.gguf", ("encoder.final_layer_norm.weight",)),
+        "wan21_vae": models / "vae" / "wan_2.1_vae.safetensors",
+    }
+    # Wan2.1's VAE: the same key names as Wan2.2's, a 16-channel latent
+    save_file({"decoder.middle.0.residual.0.gamma": torch.ones(8, 1, 1, 1),
+               "conv2.weight": torch.zeros(16, 16, 1, 1, 1)}, str(made["wan21_vae"]))
+    links = {"te_as_fusion": (models / "diffusion_models" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                              tiny_checkpoints / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+             "fusion_as_vae": (models / "vae" / "ovi_fusion_in_vae.safetensors",
+                               tiny_checkpoints / "Ovi" / "model.safetensors")}
+    for _, (link, target) in links.items():
+        link.symlink_to(target)
+    yield {**{k: p.name for k, p in made.items()}, **{k: link.name for k, (link, _) in links.items()}}
+    for p in [*made.values(), *(link for link, _ in links.values())]:
+        p.unlink(missing_ok=True)
+
+
+BAD = {
+    # case: (graph changes, where it fails ("rejected" at /prompt or the failing node type), words the message has)
+    "missing_model_file": (dict(model="ovi_missing.safetensors"), "rejected", ["ovi_missing.safetensors", "model"]),
+    "missing_component_file": (dict(components={"video_vae": "gone_vae.safetensors"}), "rejected",
+                               ["gone_vae.safetensors", "video_vae"]),
+    "fp8_fusion": (dict(model="fp8"), "OviEngineLoader", ["ovi_test_fp8_e4m3fn.safetensors", "FP8", "not supported"]),
+    "gguf_fusion": (dict(model="gguf"), "OviEngineLoader", ["ovi_test-Q4_K.gguf", "GGUF", "not supported"]),
+    "fp8_text_encoder_as_fusion": (dict(model="te_as_fusion"), "OviEngineLoader",
+                                   ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umT5 text encoder",
+                                    "not an Ovi fusion model"]),
+    "gguf_text_encoder": (dict(components={"text_encoder": "gguf_te"}), "OviComponentLoader",
+                          ["umt5_test-Q8_0.gguf", "GGUF", "not supported"]),
+    "fusion_as_vae": (dict(components={"video_vae": "fusion_as_vae"}), "OviComponentLoader",
+                      ["ovi_fusion_in_vae.safetensors", "Wan2.2 video VAE", "Ovi fusion model"]),
+    "wan21_vae": (dict(components={"video_vae": "wan21_vae"}), "OviComponentLoader",
+                  ["wan_2.1_vae.safetensors", "16-channel", "Wan2.2 VAE"]),
+    "size_not_multiple_of_32": (dict(sampler={"width": 100}), "OviSampler", ["width 100", "multiples of 32"]),
+    "empty_prompt": (dict(sampler={"prompt": "  \n "}), "OviSampler", ["prompt is empty"]),
+    "unknown_attention_backend_choice": (dict(engine={"attention": "xformers"}), "rejected", ["xformers", "attention"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_request_comes_back_as_comfy_error(case, comfy_server, comfy_models, wrong_files):
+    changes, where, words = BAD[case]
+    changes = {k: ({kk: wrong_files.get(vv, vv) for kk, vv in v.items()} if isinstance(v, dict)
+                   else wrong_files.get(v, v)) for k, v in changes.items()}
+    result = comfy_server.run_prompt(graph(f"bad_{case}", decode=False, **changes), timeout=120)
+    text = error_text(result)
+    if where == "rejected":
+        assert (result.status, result.http_status) == ("rejected", 400), result.summary()
+    else:
+        assert result.status == "error", result.summary()
+        assert result.error["node_type"] == where, text
+    for word in words:
+        assert word in text, f"{word!r} not in: {text}"
+
+
+def test_interrupt_stops_within_a_step(comfy_server, comfy_models):
+    api = graph("interrupt", decode=False, sampler={"steps": 400, "seed": 11})
+    with Progress(comfy_server) as progress:
+        status, body = comfy_server.queue_prompt(api, client_id=progress.client_id)
+        assert status == 200, body
+        pid = body["prompt_id"]
+        progress.wait_for(lambda: len(progress.steps("3", pid)) >= 2, timeout=120)
+        comfy_server.interrupt()
+        t0 = time.monotonic()
+        entry = comfy_server.wait_for(pid, timeout=60)
+        stopped_after = time.monotonic() - t0
+    messages = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in messages and entry["status"]["status_str"] == "error", messages
+    (info,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
+    assert info["node_type"] == "OviSampler"
+    done = progress.steps("3", pid)
+    assert done[-1][0] < 400 and done[-1][1] == 400, done
+    # one tiny step takes well under a second even on a loaded CI machine; the run did not go on
+    assert stopped_after < 20, stopped_after
+
+
+def test_server_runs_a_good_prompt_after_the_errors(comfy_server, comfy_models):
+    result = comfy_server.run_prompt(graph("after_errors", sampler={"seed": 12}), timeout=240)
+    assert result.ok, result.summary()
+    check_clip(output_videos(comfy_server, result)["5"], "720x720_5s")
+
+
+# -- memory: /free through ComfyUI's model management -----------------------------------------------------------
+def test_free_releases_the_engine_through_model_management(comfy_server, comfy_models):
+    # offload keeps host copies of the components after a run, so the engine holds weights to release
+    api = graph("free", decode=False, engine={"memory_mode": "offload"}, sampler={"seed": 21})
+    mark = len(comfy_server.log_text())
+    assert comfy_server.run_prompt(api, timeout=120).ok
+    log = comfy_server.log_text()[mark:]
+    assert "Requested to load OviEngineModel" in log  # registered with comfy.model_management.load_models_gpu
+
+    mark = len(comfy_server.log_text())
+    comfy_server.free(unload_models=True, free_memory=False)
+    m = wait_log(comfy_server, r"ComfyUI unloaded models; released (\S+ \S+) of weights \((\S+ \S+) held before, "
+                               r"(\S+ \S+) still held\)", mark)
+    assert m.group(2) != "0 B" and m.group(1) == m.group(2) and m.group(3) == "0 B", m.group(0)
+
+    # ComfyUI dropped it from its loaded-model list: the next run registers it again and reloads from the files
+    api["3"]["inputs"]["seed"] = 22
+    mark = len(comfy_server.log_text())
+    assert comfy_server.run_prompt(api, timeout=120).ok
+    log = comfy_server.log_text()[mark:]
+    assert "Requested to load OviEngineModel" in log and "host copy loaded from its file" in log
+
+    # free_memory also empties ComfyUI's node cache, the engine's only owner: it is garbage-collected
+    mark = len(comfy_server.log_text())
+    comfy_server.free(unload_models=True, free_memory=True)
+    wait_log(comfy_server, r"engine freed \(garbage-collected\)", mark)

@@ -1,0 +1,181 @@
+"""The engine as a model ComfyUI's memory management knows about.
+
+ComfyUI frees memory by walking its list of loaded models (``comfy.model_management.current_loaded_models``):
+to make room for another model, on an out-of-memory error, and for "Free model and node cache" / ``POST /free``
+with ``unload_models``. A ``ModelPatcher`` subclass puts the engine on that list: its size is what the engine
+keeps resident on the device, and ComfyUI's ``partially_unload`` / ``detach`` calls release the engine's
+components. The nodes call ``prepare()`` (``load_models_gpu``) before sampling and decoding, which registers
+the engine and lets ComfyUI evict other packs' models to make room first. No ComfyUI function is patched.
+
+The engine loads its own components when it runs, so ``partially_load`` loads nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+import comfy.model_management as mm
+from comfy.model_patcher import ModelPatcher
+
+from ..ovi.detect import human_bytes
+from ..ovi.log import log
+
+
+class OviEngineModel(nn.Module):
+    """Stands in for the engine's weights on ComfyUI's model list (which keeps a weak reference to it): it holds
+    no tensors, the engine owns those. Its class name is what ComfyUI logs ("Requested to load OviEngineModel")."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _slots(engine) -> list:
+    # The engine's per-component slots (``live`` module in use, optional ``host`` copy). Read defensively: if the
+    # engine's internals change, sizes read as 0 and releasing still works through engine.unload().
+    slots = getattr(engine, "_slots", None)
+    return list(slots.values()) if isinstance(slots, dict) else []
+
+
+def resident_bytes(engine, device: torch.device | None = None) -> int:
+    """Bytes of weights the engine holds now (on ``device`` only, when given); shared tensors count once."""
+    seen, total = set(), 0
+    for slot in _slots(engine):
+        for module in (getattr(slot, "live", None), getattr(slot, "host", None)):
+            if module is None:
+                continue
+            for t in _tensors(module):
+                if t.device.type == "meta" or (device is not None and not _same_device(t.device, device)):
+                    continue
+                key = (t.device, t.untyped_storage().data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+    return total
+
+
+def _fusion_layers(engine) -> int:
+    """Fused layer count, from the fusion file's tensor names (``...blocks.<i>....``)."""
+    found = set()
+    for info in getattr(engine, "fusion_info", ()):
+        for key in getattr(info, "shapes", {}):
+            parts = key.split(".")
+            if "blocks" in parts[:-1]:
+                found.add(parts[parts.index("blocks") + 1])
+    return max(1, len(found))
+
+
+def planned_bytes(engine) -> int:
+    """What the engine will put on its device at once in its memory mode (ComfyUI frees that much for it)."""
+    sizes = {}
+    for slot in _slots(engine):
+        try:
+            sizes[slot.name] = slot.host_bytes(engine.dtype)
+        except (AttributeError, TypeError):
+            continue
+    if not sizes:
+        return 0
+    mode = getattr(engine, "memory_mode", "all_gpu")
+    if mode == "all_gpu":
+        return sum(sizes.values())
+    fusion = max(sizes.values())
+    if mode == "block_swap":
+        # resident layers + the two in flight, of the fusion model; the other components come one at a time
+        share = min(1.0, (getattr(engine, "resident_layers", 0) + 2) / _fusion_layers(engine))
+        rest = [v for k, v in sizes.items() if "fusion" not in k]
+        return max([int(fusion * share)] + rest)
+    return fusion  # offload: one component on the device at a time, the fusion model being the largest
+
+
+class OviModelPatcher(ModelPatcher):
+    """The OVI_ENGINE value the nodes pass around: ``.engine`` is the ``OviEngine``.
+
+    ComfyUI's node-output cache is the only strong owner; ComfyUI's model list holds weak references, so when
+    the cache drops the engine (a changed loader, ``/free`` with ``free_memory``) it is garbage-collected.
+    """
+
+    def __init__(self, engine, label: str):
+        device = torch.device(engine.device)
+        super().__init__(OviEngineModel(label), load_device=device, offload_device=torch.device("cpu"),
+                         size=max(1, planned_bytes(engine)))
+        self.engine = engine
+        self.label = label
+        # Logged when the last reference goes (tests watch for it); not at interpreter exit.
+        weakref.finalize(engine, log.info, "%s: engine freed (garbage-collected)", label).atexit = False
+
+    # -- sizes ComfyUI plans with ------------------------------------------------------------------------
+    def model_size(self) -> int:
+        return self.size
+
+    def loaded_size(self) -> int:
+        return resident_bytes(self.engine, self.load_device)
+
+    def model_dtype(self):
+        return self.engine.dtype
+
+    def current_loaded_device(self):
+        return self.load_device if self.loaded_size() else self.offload_device
+
+    # -- ComfyUI's load / unload calls ------------------------------------------------------------------
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False) -> int:
+        return 0  # the engine loads each component when its phase starts
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False) -> int:
+        return self.release("ComfyUI needed device memory", keep_host=True)
+
+    def detach(self, unpatch_all=True):
+        # unpatch_all=False is ComfyUI re-registering a model it is about to use again: weights stay.
+        if unpatch_all:
+            self.release("ComfyUI unloaded models")
+        return self.model
+
+    def clone(self):
+        return self  # one engine, one entry on ComfyUI's list: a clone would only make ComfyUI unload it
+
+    def __del__(self):
+        pass  # the engine frees its weights when it is collected; nothing to detach from
+
+    def release(self, reason: str, keep_host: bool = False) -> int:
+        """Free the engine's weights (device copies only with ``keep_host`` where the engine keeps host copies,
+        so a reload is fast); returns the device bytes freed. Logged, so users (and tests) can see it."""
+        before, held = self.loaded_size(), resident_bytes(self.engine)
+        drop = getattr(self.engine, "_drop", None)
+        if keep_host and self.load_device.type != "cpu" and callable(drop) and _slots(self.engine):
+            drop(*self.engine._slots)
+        else:
+            self.engine.unload()
+        after, still = self.loaded_size(), resident_bytes(self.engine)
+        log.info("%s: %s; released %s of weights (%s held before, %s still held)", self.label, reason,
+                 human_bytes(max(0, held - still)), human_bytes(held), human_bytes(still))
+        mm.soft_empty_cache()
+        return max(0, before - after)
+
+
+def activation_bytes(engine) -> int:
+    """The engine's rough activation peak, so ComfyUI makes room for the working memory too, not just weights."""
+    estimate = getattr(engine, "_activation_bytes", None)
+    try:
+        return int(estimate()) if callable(estimate) else 0
+    except Exception:  # an estimate only; never let it break a run
+        return 0
+
+
+def prepare(patcher: OviModelPatcher) -> None:
+    """Register the engine with ComfyUI (first call) and let ComfyUI make room on the device for it."""
+    mm.load_models_gpu([patcher], memory_required=activation_bytes(patcher.engine))
+
