@@ -4,12 +4,16 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
-.PHONY: test venv comfy-env parity tiny clean-venv
+.PHONY: test demo venv comfy-env parity tiny clean-venv
 
 # COMFY_REQUIRED=1: the tests against a real ComfyUI and Chromium fail instead of skipping when set-up is missing.
 test: $(STAMP) comfy-env
 	@COMFY_REQUIRED=1 $(VPY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken"; exit 1; fi; exit $$rc
+
+# A headless ComfyUI runs workflows/demo_tiny_t2av_api.json on a tiny checkpoint; prints the mp4's path.
+demo: $(STAMP) comfy-env
+	@$(VPY) tools/demo.py
 
 venv: $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Helpers for the Ovi node tests (tests/comfy/test_nodes_*.py): the documented node interface, the shipped
+"""Helpers for the Ovi node tests (tests/comfyui_server/test_nodes_*.py): the documented node interface, the shipped
 workflows rewritten to the tiny checkpoint, a websocket listener for ComfyUI's progress messages, checks on the
 mp4 files, and model files of the kinds the loaders must refuse."""
 
@@ -252,7 +252,7 @@ def write_gguf(dst: Path, names: tuple[str, ...]) -> Path:
 
 
 def run_ui_jobs(url: str, jobs: list[dict], timeout: float = 150.0) -> list[dict]:
-    """Run tests/comfy/ui_workflows.js (one headless Chromium for all jobs); its per-job results."""
+    """Run tests/comfyui_server/ui_workflows.js (one headless Chromium for all jobs); its per-job results."""
     import os
     import subprocess
     import tempfile

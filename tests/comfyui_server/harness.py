@@ -470,7 +470,7 @@ class ComfyServer:
 
 def run_browser(url: str, screenshot: Path, workflow: dict | Path | None = None, run: bool = False,
                 fit: bool = False, timeout: float = 90.0) -> dict:
-    """Drive the real frontend in headless Chromium (tests/comfy/browser.js): load `url`, optionally a
+    """Drive the real frontend in headless Chromium (tests/comfyui_server/browser.js): load `url`, optionally a
     workflow (UI or API format), optionally fit the graph into view, optionally click Run and wait for the
     prompt, screenshot to `screenshot`.
     Returns the script's JSON summary (see browser.js); raises ComfyError when it fails."""
