@@ -1,6 +1,7 @@
 """The Ovi nodes (V1 node API). Importing this imports no torch and no ComfyUI module: the classes import what
 they need when they run."""
 
+from .convert import OviConvertModel
 from .decode import OviDecode
 from .latents import OviLoadLatent, OviSaveLatent
 from .loaders import OviComponentLoader, OviEngineLoader
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "OviSaveLatent": OviSaveLatent,
     "OviLoadLatent": OviLoadLatent,
     "OviSaveVideo": OviSaveVideo,
+    "OviConvertModel": OviConvertModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OviSaveLatent": "Ovi Save Latent",
     "OviLoadLatent": "Ovi Load Latent",
     "OviSaveVideo": "Ovi Save Video (mp4)",
+    "OviConvertModel": "Ovi Convert Model (FP8 / GGUF)",
 }

@@ -31,13 +31,13 @@ def _is_gguf(path: str) -> bool:
 
 
 def _check_component(key: str, name: str, path: str) -> None:
-    """A clear error when the file chosen for ``key`` is something else (or a format not supported yet)."""
+    """A clear error when the file chosen for ``key`` is something else. umT5 may be a GGUF file (ours or
+    ComfyUI-GGUF's llama.cpp T5 names); the VAEs and the vocoder have no GGUF form."""
     from ..ovi.detect import inspect_file
 
     want, words = _ROLES[key]
-    if _is_gguf(path):
-        raise ValueError(f"{name}: GGUF files are not supported for {words} yet; choose the .safetensors or .pth "
-                         "file.")
+    if _is_gguf(path) and key != "text_encoder":
+        raise ValueError(f"{name} is a GGUF file; {words} is read from .safetensors or .pth only.")
     info = inspect_file(path)
     if info.component != want:
         raise ValueError(f"{name} was chosen as {words}, but it is {info.description} ({info.layout}). "
@@ -49,20 +49,14 @@ def _check_component(key: str, name: str, path: str) -> None:
 
 
 def _check_fusion(name: str, path: str) -> None:
+    """bf16, FP8 (official plain, Kijai scaled, ComfyUI scaled_fp8, ours) and GGUF fusion files all load; what
+    is refused is a file of another component."""
     from ..ovi.detect import inspect_file
 
-    if _is_gguf(path):
-        raise ValueError(f"{name} is a GGUF file: GGUF fusion models are not supported by this version of the Ovi "
-                         "nodes yet. Use the bf16 .safetensors fusion model (model.safetensors, "
-                         "model_960x960.safetensors or model_960x960_10s.safetensors).")
     info = inspect_file(path)
     if not info.is_fusion:
         raise ValueError(f"{name} is {info.description}, not an Ovi fusion model ({info.layout}). Choose the Ovi "
                          f"model file (e.g. model.safetensors) in 'model'.")
-    if info.quantization and "fp8" in info.quantization:
-        raise ValueError(f"{name} is an FP8 fusion model ({info.quantization}): FP8 fusion models are not supported "
-                         "by this version of the Ovi nodes yet. Use the bf16 file of the same variant "
-                         "(model.safetensors for 720x720_5s).")
 
 
 def _fusion_files() -> list[str]:
@@ -84,8 +78,8 @@ class OviComponentLoader:
         return {"required": {
             "text_encoder": (list_files(TEXT_FOLDER, (".safetensors", ".pth", ".pt", ".bin", ".gguf"), ("umt5",)), {
                 "tooltip": "umT5-XXL from models/text_encoders: umt5_xxl_fp16.safetensors (Comfy-Org), "
-                           "umt5_xxl_fp8_e4m3fn_scaled.safetensors, or the official "
-                           "models_t5_umt5-xxl-enc-bf16.pth with google/umt5-xxl/spiece.model beside it."}),
+                           "umt5_xxl_fp8_e4m3fn_scaled.safetensors, a GGUF such as umt5-xxl-encoder-Q8_0.gguf, or the "
+                           "official models_t5_umt5-xxl-enc-bf16.pth; google/umt5-xxl/spiece.model beside it."}),
             "video_vae": (list_files(VAE_FOLDER, (), ("wan2.2", "wan2_2", "wan22")), {
                 "tooltip": "Wan2.2 VAE from models/vae: wan2.2_vae.safetensors or the official Wan2.2_VAE.pth."}),
             "audio_vae": (list_files(AUDIO_FOLDER, (), ("v1-16", "vae")), {
@@ -117,7 +111,8 @@ class OviEngineLoader:
         return {"required": {
             "model": (_fusion_files(), {
                 "tooltip": "The Ovi fusion model: model.safetensors (720x720_5s), model_960x960.safetensors "
-                           "(960x960_5s) or model_960x960_10s.safetensors (960x960_10s)."}),
+                           "(960x960_5s) or model_960x960_10s.safetensors (960x960_10s); FP8 files (official, "
+                           "Kijai's _scaled_KJ, ComfyUI scaled_fp8) and .gguf files load too."}),
             "components": ("OVI_COMPONENTS",),
             "variant": (["auto", *VARIANTS], {
                 "default": "auto",

@@ -249,9 +249,11 @@ def find_tokenizer_source(tokenizer: str | os.PathLike | None = None, *, checkpo
         tried.append(str(p))
     if checkpoint is not None:
         c = Path(checkpoint)
-        with CheckpointReader(c) as r:
-            keys = [k for k in r.keys() if k.startswith(prefix) and (k == prefix + "spiece_model"
-                                                                    or k.endswith(".spiece_model"))]
+        keys = []
+        if not is_gguf(c):  # GGUF umT5 files carry no sentencepiece tensor: the folder beside them must
+            with CheckpointReader(c) as r:
+                keys = [k for k in r.keys() if k.startswith(prefix) and (k == prefix + "spiece_model"
+                                                                        or k.endswith(".spiece_model"))]
         if keys:
             return TokenizerSource(c, keys[0])
         tried.append(f"{c} (no spiece_model tensor)")

@@ -14,6 +14,7 @@ import pytest
 
 from .harness import (COMFY_DIR, PACK_NAMES, ROOT, ComfyServer, browser_problem, install_models, required,
                       run_browser, setup_problem)
+from .nodes_helpers import CONVERTED
 
 
 def unavailable(reason: str):
@@ -58,12 +59,19 @@ def comfy_server(start_comfy) -> ComfyServer:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
-    """A complete tiny checkpoint set, written once per session by `python -m ovi.tools.make_tiny`."""
+    """A complete tiny checkpoint set, written once per session by `python -m ovi.tools.make_tiny`, plus the
+    FP8 / GGUF files of nodes_helpers.CONVERTED made from it by `python -m ovi convert`."""
     out = tmp_path_factory.mktemp("tiny-checkpoints")
     proc = subprocess.run([sys.executable, "-m", "ovi.tools.make_tiny", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode:
         pytest.fail(f"make_tiny failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    # The FP8 / GGUF workflows' files, made the way a user makes them, under the names the workflows use.
+    for to, src, dst in CONVERTED:
+        proc = subprocess.run([sys.executable, "-m", "ovi", "convert", "--to", to, str(out / src), str(out / dst)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            pytest.fail(f"ovi convert --to {to} {src} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
 
 

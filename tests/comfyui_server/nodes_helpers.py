@@ -34,7 +34,14 @@ NODES = {
     "OviSaveLatent": (["latent", "filename_prefix"], [], []),
     "OviLoadLatent": (["latent"], [], ["LATENT"]),
     "OviSaveVideo": (["images", "fps", "filename_prefix", "crf"], ["audio"], []),
+    "OviConvertModel": (["source", "target", "output_name"], [], ["STRING"]),
 }
+# (target, source, written file) relative to the make_tiny output: the names the FP8 / GGUF workflows load.
+CONVERTED = (
+    ("fp8", "Ovi/model_960x960_10s.safetensors", "Ovi/model_960x960_10s_fp8_e4m3fn_scaled.safetensors"),
+    ("gguf-q4_k", "Ovi/model_960x960_10s.safetensors", "Ovi/Ovi-960x960-10s-Q4_K.gguf"),
+    ("gguf-q8_0", "text_encoders/umt5_xxl_fp16.safetensors", "text_encoders/umt5-xxl-encoder-Q8_0.gguf"),
+)
 API_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*_api.json"))
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
 TEST_SIZE = (96, 64)  # width, height: small, both multiples of 32, not square (catches swapped axes)

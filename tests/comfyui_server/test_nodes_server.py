@@ -27,7 +27,7 @@ def test_object_info_lists_every_node_from_this_pack(comfy_server, comfy_models)
         assert list(info["input"]["required"]) == required, name
         assert list(info["input"].get("optional", {})) == optional, name
         assert info["output"] == outputs, name
-        assert info["output_node"] == (name in ("OviSaveLatent", "OviSaveVideo")), name
+        assert info["output_node"] == (name in ("OviSaveLatent", "OviSaveVideo", "OviConvertModel")), name
 
     engine = ours["OviEngineLoader"]
     fusion = combo_options(engine, "model")
@@ -37,7 +37,8 @@ def test_object_info_lists_every_node_from_this_pack(comfy_server, comfy_models)
     assert combo_options(engine, "attention") == ["auto", "sdpa", "flash_attn", "sage"]
     comp = ours["OviComponentLoader"]
     assert set(combo_options(comp, "text_encoder")) == {"umt5_xxl_fp16.safetensors", "models_t5_umt5-xxl-enc-bf16.pth",
-                                                       "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+                                                       "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                                       "umt5-xxl-encoder-Q8_0.gguf"}
     assert combo_options(comp, "video_vae")[0] == "wan2.2_vae.safetensors"  # the Wan2.2 file is the default
     assert combo_options(comp, "audio_vae")[0] == "v1-16.pth" and combo_options(comp, "vocoder")[0] == "best_netG.pt"
     sampler = ours["OviSampler"]["input"]["required"]
@@ -134,9 +135,6 @@ def wrong_files(comfy_server, comfy_models, tiny_checkpoints):
     made = {
         "fp8": write_fp8_fusion(tiny_checkpoints / "Ovi" / "model.safetensors",
                                 models / "diffusion_models" / "ovi_test_fp8_e4m3fn.safetensors"),
-        "gguf": write_gguf(models / "diffusion_models" / "ovi_test-Q4_K.gguf",
-                           ("video_model.blocks.0.self_attn.q.weight", "audio_model.blocks.0.self_attn.q.weight")),
-        "gguf_te": write_gguf(models / "text_encoders" / "umt5_test-Q8_0.gguf", ("encoder.final_layer_norm.weight",)),
         "wan21_vae": models / "vae" / "wan_2.1_vae.safetensors",
     }
     # Wan2.1's VAE: the same key names as Wan2.2's, a 16-channel latent
@@ -145,7 +143,11 @@ def wrong_files(comfy_server, comfy_models, tiny_checkpoints):
     links = {"te_as_fusion": (models / "diffusion_models" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                               tiny_checkpoints / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
              "fusion_as_vae": (models / "vae" / "ovi_fusion_in_vae.safetensors",
-                               tiny_checkpoints / "Ovi" / "model.safetensors")}
+                               tiny_checkpoints / "Ovi" / "model.safetensors"),
+             "gguf_te_as_fusion": (models / "diffusion_models" / "umt5_as_fusion-Q8_0.gguf",
+                                   tiny_checkpoints / "text_encoders" / "umt5-xxl-encoder-Q8_0.gguf"),
+             "gguf_fusion_as_te": (models / "text_encoders" / "ovi_fusion_in_te-Q4_K.gguf",
+                                   tiny_checkpoints / "Ovi" / "Ovi-960x960-10s-Q4_K.gguf")}
     for _, (link, target) in links.items():
         link.symlink_to(target)
     yield {**{k: p.name for k, p in made.items()}, **{k: link.name for k, (link, _) in links.items()}}
@@ -158,13 +160,13 @@ BAD = {
     "missing_model_file": (dict(model="ovi_missing.safetensors"), "rejected", ["ovi_missing.safetensors", "model"]),
     "missing_component_file": (dict(components={"video_vae": "gone_vae.safetensors"}), "rejected",
                                ["gone_vae.safetensors", "video_vae"]),
-    "fp8_fusion": (dict(model="fp8"), "OviEngineLoader", ["ovi_test_fp8_e4m3fn.safetensors", "FP8", "not supported"]),
-    "gguf_fusion": (dict(model="gguf"), "OviEngineLoader", ["ovi_test-Q4_K.gguf", "GGUF", "not supported"]),
+    "gguf_text_encoder_as_fusion": (dict(model="gguf_te_as_fusion"), "OviEngineLoader",
+                                    ["umt5_as_fusion-Q8_0.gguf", "umT5 text encoder", "not an Ovi fusion model"]),
+    "gguf_fusion_as_text_encoder": (dict(components={"text_encoder": "gguf_fusion_as_te"}), "OviComponentLoader",
+                                    ["ovi_fusion_in_te-Q4_K.gguf", "umT5-XXL text encoder", "Ovi fusion model"]),
     "fp8_text_encoder_as_fusion": (dict(model="te_as_fusion"), "OviEngineLoader",
                                    ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umT5 text encoder",
                                     "not an Ovi fusion model"]),
-    "gguf_text_encoder": (dict(components={"text_encoder": "gguf_te"}), "OviComponentLoader",
-                          ["umt5_test-Q8_0.gguf", "GGUF", "not supported"]),
     "fusion_as_vae": (dict(components={"video_vae": "fusion_as_vae"}), "OviComponentLoader",
                       ["ovi_fusion_in_vae.safetensors", "Wan2.2 video VAE", "Ovi fusion model"]),
     "wan21_vae": (dict(components={"video_vae": "wan21_vae"}), "OviComponentLoader",
@@ -189,6 +191,61 @@ def test_bad_request_comes_back_as_comfy_error(case, comfy_server, comfy_models,
         assert result.error["node_type"] == where, text
     for word in words:
         assert word in text, f"{word!r} not in: {text}"
+
+
+def test_plain_fp8_fusion_file_runs(comfy_server, comfy_models, wrong_files):
+    # official layout (model_fp8_e4m3fn.safetensors): e4m3fn casts, no scales; the workflows cover the scaled one
+    result = comfy_server.run_prompt(graph("fp8_plain", model=wrong_files["fp8"], sampler={"seed": 31}), timeout=240)
+    assert result.ok, result.summary()
+    check_clip(output_videos(comfy_server, result)["5"], "720x720_5s")
+
+
+@pytest.mark.parametrize("source, target, out, kind", [
+    ("diffusion_models/model.safetensors", "gguf-q8_0", "ovi_converted_q8.gguf", "Q8_0"),
+    ("diffusion_models/model.safetensors", "fp8", "", "fp8_e4m3fn, per-tensor scales"),
+    ("text_encoders/umt5_xxl_fp16.safetensors", "gguf-q4_k", "umt5_converted_q4", "Q4_K"),
+])
+def test_convert_node_writes_a_file_the_loader_lists_and_runs(source, target, out, kind, comfy_server, comfy_models):
+    from ovi.detect import inspect_file
+
+    folder, _, name = source.partition("/")
+    node = "OviConvertModel"
+    assert source in combo_options(comfy_server.object_info(node)[node], "source")
+    with Progress(comfy_server) as progress:
+        status, body = comfy_server.queue_prompt({"1": {"class_type": node, "inputs": {
+            "source": source, "target": target, "output_name": out}}}, client_id=progress.client_id)
+        assert status == 200, body
+        entry = comfy_server.wait_for(body["prompt_id"], timeout=240)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:4000]
+        steps = progress.steps("1", body["prompt_id"])
+    (written,) = entry["outputs"]["1"]["text"]
+    expected = out or "model_fp8_e4m3fn_scaled.safetensors"
+    assert written in (expected, expected + ".gguf"), written
+    path = comfy_server.models_dir / folder / written
+    try:
+        assert steps and steps[-1][0] == steps[-1][1] > 1, steps  # the progress bar went tensor by tensor
+        info = inspect_file(path)
+        # the tiny umT5's rows are shorter than a K-quant block, so its matrices fall back to Q8_0; the header
+        # still records what was asked for
+        assert kind in (info.quantization or "") or info.metadata.get("ovi.quantization") == kind, info
+        info_src = comfy_server.object_info()
+        if folder == "diffusion_models":
+            assert info.is_fusion and info.variant == "720x720_5s", info
+            assert written in combo_options(info_src["OviEngineLoader"], "model")
+            api = graph(f"conv_{target}", model=written, decode=False, sampler={"seed": 41})
+        else:
+            assert info.component == "umt5", info
+            assert written in combo_options(info_src["OviComponentLoader"], "text_encoder")
+            api = graph(f"conv_{target}", components={"text_encoder": written}, decode=False, sampler={"seed": 41})
+        result = comfy_server.run_prompt(api, timeout=240)
+        assert result.ok, result.summary()
+        assert result.outputs["5"]["latents"]
+        # a second run does not overwrite the file it made
+        again = comfy_server.run_prompt({"1": {"class_type": node, "inputs": {
+            "source": source, "target": target, "output_name": written}}}, timeout=60)
+        assert again.status == "error" and "already exists" in error_text(again), again.summary()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_interrupt_stops_within_a_step(comfy_server, comfy_models):
