@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("-v", "--verbose", action="store_true", help="print per-output details")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # One line per file: the engine's own warnings (e.g. a CSV case without images) would interleave with it.
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     failed = 0
     for f in a.files:
