@@ -70,7 +70,7 @@ class OviSampler:
     def sample(self, engine, prompt, video_negative_prompt, audio_negative_prompt, width, height, seed, steps, solver,
                shift, video_guidance, audio_guidance, slg_layer, image=None):
         from ..utils.model_management import prepare
-        from ..utils.progress import interruptible, progress_bar, should_stop
+        from ..utils.progress import interruptible, latent_preview, progress_bar, should_stop
 
         size = frame_size(int(width), int(height))
         if not prompt or not prompt.strip():
@@ -78,10 +78,12 @@ class OviSampler:
                              "'Audio:'.")
         with interruptible():
             prepare(engine)
+            preview = latent_preview(int(steps))
             result = engine.engine.generate(
                 prompt, image=image, video_negative_prompt=video_negative_prompt,
                 audio_negative_prompt=audio_negative_prompt, size=size, seed=int(seed), steps=int(steps),
                 solver=solver, shift=float(shift), video_guidance=float(video_guidance),
-                audio_guidance=float(audio_guidance), slg_layer=int(slg_layer), progress=progress_bar(int(steps)),
+                audio_guidance=float(audio_guidance), slg_layer=int(slg_layer),
+                progress=None if preview is not None else progress_bar(int(steps)), preview=preview,
                 should_stop=should_stop)
         return (to_latent(result),)

@@ -447,12 +447,14 @@ class OviEngine:
                  seed: int = DEFAULT_SEED, steps: int = 50, solver: str = "unipc", shift: float = 5.0,
                  video_guidance: float = 4.0, audio_guidance: float = 3.0, slg_layer: int = 11,
                  noise: tuple[torch.Tensor, torch.Tensor] | None = None, progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_stop: Callable[[], bool] | None = None,
+                 preview: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
         """Video and audio latents for ``prompt`` (T2AV), or with ``image`` as the first frame (I2AV).
 
         ``noise=(video [48, F, h, w], audio [L, 20])`` replaces the seeded initial noise. ``progress(step,
-        total)`` runs after every denoising step; ``should_stop()`` is checked before every step and raises
-        ``Interrupted``, after which the engine is ready for the next call.
+        total)`` runs after every denoising step; ``preview(step, total, video_x0)`` likewise, with the step's
+        clean-video latent estimate [48, F, h, w] (normalised, as the VAE takes it); ``should_stop()`` is
+        checked before every step and raises ``Interrupted``, after which the engine is ready for the next call.
         """
         from .text.prompts import format_prompt
 
@@ -513,7 +515,7 @@ class OviEngine:
                 video, audio = self._diffuse(v, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent,
                                              steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
                                              audio_guidance=audio_guidance, slg_layer=slg_layer, progress=progress,
-                                             should_stop=should_stop)
+                                             should_stop=should_stop, preview=preview)
         finally:
             del pos, vneg, aneg
         with self.report.phase("release"):
@@ -555,7 +557,7 @@ class OviEngine:
         return video, audio
 
     def _diffuse(self, v: Variant, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent, *, steps, solver,
-                 shift, video_guidance, audio_guidance, slg_layer, progress, should_stop):
+                 shift, video_guidance, audio_guidance, slg_layer, progress, should_stop, preview=None):
         slot = self._slots["fusion"]
         if self.memory_mode == "block_swap":
             host = slot.ensure_host(self.device, self.dtype)
@@ -581,13 +583,17 @@ class OviEngine:
             def model_fn(video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg):
                 return self._fusion_forward(model, video, audio, t, video_ctx, audio_ctx, first_frame_is_clean, slg)
 
-            def callback(i, total, *_):
-                progress(i + 1, total)
+            def callback(i, total, _video, _audio, video_x0):
+                if preview is not None:
+                    preview(i + 1, total, video_x0)
+                if progress is not None:
+                    progress(i + 1, total)
 
             return sample(model_fn, video_noise, audio_noise, pos_ctx=pos, video_neg_ctx=vneg, audio_neg_ctx=aneg,
                           solver=solver, steps=steps, shift=shift, video_guidance=video_guidance,
                           audio_guidance=audio_guidance, slg_layer=slg_layer, image_latent=image_latent,
-                          callback=callback if progress is not None else None, should_stop=should_stop)
+                          callback=callback if (progress or preview) is not None else None,
+                          should_stop=should_stop)
         finally:
             model = None  # the closure above holds the same cell: this drops the last reference
             if self._runner is not None:

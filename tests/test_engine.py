@@ -142,6 +142,17 @@ def test_explicit_noise_matches_seeded(run_720):
         run_720.engine.generate(PROMPT, noise=(video[:, :30], audio), **GEN)
 
 
+def test_preview_gets_each_steps_clean_estimate(run_720):
+    seen = []
+    r = run_720.engine.generate(PROMPT, preview=lambda done, total, x0: seen.append((done, total, x0.clone())), **GEN)
+    assert [s[:2] for s in seen] == [(k + 1, GEN["steps"]) for k in range(GEN["steps"])]
+    assert all(s[2].shape == r.video_latent.shape for s in seen)
+    # The last step's estimate is the result itself (every solver ends on x - sigma*v), and previews leave the
+    # result unchanged.
+    assert torch.allclose(seen[-1][2], r.video_latent, atol=1e-5)
+    assert torch.equal(r.video_latent, run_720.result.video_latent)
+
+
 # -- memory modes ------------------------------------------------------------------------------------------
 class RecordingSwapper:
     """A stand-in block swapper: runs the layers in place and records what the engine asked of it."""

@@ -220,9 +220,12 @@ def test_loop_does_not_modify_inputs():
 
 def test_callback_indices():
     seen = []
-    video, audio = _run(_inputs(), steps=5, callback=lambda i, n, v, a: seen.append((i, n, v.clone())))
+    video, audio = _run(_inputs(), steps=5, callback=lambda i, n, v, a, x0: seen.append((i, n, v.clone(), x0.clone())))
     assert [s[:2] for s in seen] == [(k, 5) for k in range(5)]
     assert torch.equal(seen[-1][2], video)
+    # Every solver's last step lands on x - sigma*v, which is exactly the preview estimate of that step.
+    assert seen[-1][3].shape == video.shape and torch.allclose(seen[-1][3], video, atol=1e-6)
+    assert not torch.allclose(seen[0][3], seen[0][2])
 
 
 @pytest.mark.parametrize("solver", ["unipc", "euler", "dpm++"])
@@ -231,7 +234,7 @@ def test_interrupt_then_fresh_run_matches(solver):
     ref = _run(inp, solver=solver, steps=6)
     done = []
     with pytest.raises(Interrupted) as info:
-        _run(inp, solver=solver, steps=6, callback=lambda i, n, v, a: done.append(i),
+        _run(inp, solver=solver, steps=6, callback=lambda i, n, v, a, x0: done.append(i),
              should_stop=lambda: len(done) >= 3)
     assert info.value.step == 3 and info.value.total == 6 and done == [0, 1, 2]
     again = _run(inp, solver=solver, steps=6, should_stop=lambda: False)

@@ -23,6 +23,31 @@ def progress_bar(total: int) -> Callable[[int, int], None]:
     return update
 
 
+def latent_preview(progress_total: int):
+    """A ``preview(step, total, video_x0)`` callback that shows the step's clean-video estimate on the running
+    node, through ComfyUI's own previewer for Wan2.2 latents (so the user's --preview-method and an installed
+    TAEHV decoder apply); None when previews are off or this ComfyUI has no Wan2.2 latent format."""
+    import comfy.latent_formats
+    import comfy.model_management
+    import comfy.utils
+    import latent_preview
+
+    fmt = getattr(comfy.latent_formats, "Wan22", None)
+    if fmt is None:
+        return None
+    previewer = latent_preview.get_previewer(comfy.model_management.get_torch_device(), fmt())
+    if previewer is None:
+        return None
+    bar = comfy.utils.ProgressBar(progress_total)
+
+    def show(done: int, total: int, video_x0) -> None:
+        # The middle latent frame: frame 0 of an I2AV run is the input image itself.
+        frame = video_x0[:, video_x0.shape[1] // 2: video_x0.shape[1] // 2 + 1][None].float()
+        bar.update_absolute(done, total, previewer.decode_latent_to_preview_image("JPEG", frame))
+
+    return show
+
+
 def should_stop() -> bool:
     import comfy.model_management
 

@@ -54,7 +54,8 @@ def sample(model_fn: ModelFn, video_noise: torch.Tensor, audio_noise: torch.Tens
     for euler). The positive pass gives both backbones ``pos_ctx`` and skips no layer; the negative pass
     gives ``video_neg_ctx`` / ``audio_neg_ctx`` and skips fused layer ``slg_layer`` (<= 0: none).
     ``image_latent`` [48, 1, h, w] switches to i2v: it replaces frame 0 before every step and at the end,
-    and that frame is marked clean. ``callback(i, steps, video, audio)`` runs after step i (0-based);
+    and that frame is marked clean. ``callback(i, steps, video, audio, video_x0)`` runs after step i (0-based; ``video_x0`` is the step's
+    clean-video estimate x - sigma*v, for previews);
     ``should_stop()`` runs before each step and raises ``Interrupted`` when true. ``record`` (a dict or an
     object) receives the schedule, per-step states and the step-0 pass outputs. Guidance defaults are the
     official inference config (4.0 / 3.0, SLG layer 11). Inputs are not modified.
@@ -93,13 +94,15 @@ def sample(model_fn: ModelFn, video_noise: torch.Tensor, audio_noise: torch.Tens
         v = v_neg + video_guidance * (v_pos - v_neg)
         a = a_neg + audio_guidance * (a_pos - a_neg)
         del v_pos, a_pos, v_neg, a_neg
+        # The clean-video estimate of this step, for previews: one elementwise op, only when someone listens.
+        video_x0 = video - float(schedule.sigmas[k]) * v if callback is not None else None
         video = video_solver.step(v, t, video)
         audio = audio_solver.step(a, t, audio)
         if record is not None:
             _append(record, "video_states", video)
             _append(record, "audio_states", audio)
         if callback is not None:
-            callback(k, total, video, audio)
+            callback(k, total, video, audio, video_x0)
     if i2v:
         video[:, :1] = image_latent
     return video, audio

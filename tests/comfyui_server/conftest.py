@@ -51,8 +51,9 @@ def start_comfy(comfy_install, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def comfy_server(start_comfy) -> ComfyServer:
-    """The shared server of the session: the pack symlinked as custom_nodes/ComfyUI-Ovi."""
-    server = start_comfy(PACK_NAMES[0])
+    """The shared server of the session: the pack symlinked as custom_nodes/ComfyUI-Ovi, with latent previews
+    on (the sampler sends one per step)."""
+    server = start_comfy(PACK_NAMES[0], extra_args=("--preview-method", "latent2rgb"))
     yield server
     server.stop()
 

@@ -178,6 +178,7 @@ class Progress:
         self.url = f"ws://127.0.0.1:{server.port}/ws?clientId="
         self.client_id = uuid.uuid4().hex
         self.messages: list[dict] = []
+        self.previews = 0  # binary frames: ComfyUI sends latent previews this way
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -197,6 +198,8 @@ class Progress:
                             continue
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             self.messages.append(json.loads(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.BINARY:
+                            self.previews += 1
                         elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             break
         except BaseException as e:  # reported by __enter__/wait_for

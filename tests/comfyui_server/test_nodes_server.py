@@ -92,6 +92,7 @@ def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models):
     # ComfyUI's progress bar moved once per denoising step, then through the decoded latent frames.
     sampler_steps = progress.steps("3", pid)
     assert [v for v, _ in sampler_steps] == [1, 2] and {m for _, m in sampler_steps} == {2}, sampler_steps
+    assert progress.previews >= 2  # a latent preview image with every denoising step
     decoded = progress.steps("4", pid)
     assert decoded[-1][0] == decoded[-1][1] > 1, decoded
 
