@@ -49,7 +49,7 @@ from .loading import CheckpointError
 from .log import log
 from .sampling.loop import Interrupted, sample
 from .sampling.schedules import make_schedule
-from .residency import ComponentSlot
+from .residency import ComponentSlot, module_tensors
 from .sizes import resolve_frame_size  # noqa: F401  (part of the engine API)
 from .text.checkpoint import find_tokenizer_source
 from .variants import KNOWN_FILES, VARIANTS, Variant, get_variant
@@ -145,6 +145,10 @@ class DecodedClip:
     @property
     def audio_seconds(self) -> float:
         return self.waveform.shape[0] / self.sample_rate
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -384,6 +388,45 @@ class OviEngine:
     def _drop(self, *slots: str) -> None:
         for name in slots:
             self._slots[name].drop()
+
+    # -- memory accounting, for hosts that plan device memory (ComfyUI's model management) ----------------
+    def resident_bytes(self, device: torch.device | None = None) -> int:
+        """Bytes of weights held now (on ``device`` only, when given); tensors shared by two copies count once."""
+        seen, total = set(), 0
+        for slot in self._slots.values():
+            for module in (slot.live, slot.host):
+                if module is None:
+                    continue
+                for t in module_tensors(module):
+                    if t.device.type == "meta" or (device is not None and not _same_device(t.device, device)):
+                        continue
+                    key = (t.device, t.untyped_storage().data_ptr())
+                    if key not in seen:
+                        seen.add(key)
+                        total += t.untyped_storage().nbytes()
+        return total
+
+    def planned_device_bytes(self) -> int:
+        """Weights this engine puts on its device at once in its memory mode."""
+        sizes = {name: slot.host_bytes(self.dtype) for name, slot in self._slots.items()}
+        if self.memory_mode == "all_gpu":
+            return sum(sizes.values())
+        if self.memory_mode == "block_swap":
+            per_layer, other, layers, _, _ = self._fusion_numbers()
+            resident = min(layers, (self.resident_layers or 0) + 2)  # + the two layers in flight
+            it = torch.empty((), dtype=self.dtype).element_size()
+            fusion = (per_layer * resident + other) * it
+            return max([fusion] + [v for k, v in sizes.items() if k != "fusion"])
+        return max(sizes.values())  # offload: one component at a time
+
+    def activation_bytes(self) -> int:
+        """A rough activation peak of one forward, so a host can make room for working memory too."""
+        return self._activation_bytes()
+
+    def release_device_copies(self) -> None:
+        """Drop the device copies of every component, keeping host copies (a reload is then a fast copy)."""
+        self._drop(*self._slots)
+        memory.defragment(self.device)
 
     @property
     def fusion_model(self) -> nn.Module | None:

@@ -18,7 +18,7 @@ from .loading import is_compute_float
 from .log import log
 
 
-def _module_tensors(module: nn.Module):
+def module_tensors(module: nn.Module):
     seen = set()
     for t in list(module.parameters()) + list(module.buffers()):
         if id(t) not in seen:
@@ -31,7 +31,7 @@ def _pin(module: nn.Module) -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        for t in _module_tensors(module):
+        for t in module_tensors(module):
             if not t.is_pinned():
                 t.data = t.data.pin_memory()
     except RuntimeError as e:
@@ -45,7 +45,7 @@ def _clone_to(host: nn.Module, device: torch.device, dtype: torch.dtype | None, 
     with it. The module structure is deep-copied with every tensor pre-seeded in the memo, so no host tensor
     is ever duplicated in RAM."""
     memo: dict[int, Any] = {id(o): o for o in share if o is not None}
-    for t in _module_tensors(host):
+    for t in module_tensors(host):
         d = t.detach().to(device=device, dtype=dtype if (dtype is not None and is_compute_float(t.dtype)) else None,
                           non_blocking=True, copy=True)
         memo[id(t)] = nn.Parameter(d, requires_grad=False) if isinstance(t, nn.Parameter) else d

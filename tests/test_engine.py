@@ -451,3 +451,20 @@ def test_memory_helpers():
     if report.rows[0].note == "":  # a per-phase high-water mark sees the freed 64 MiB tensor
         assert report.rows[0].peak - before >= 60 * 2 ** 20
     assert "decode video" in report.table() and str(report) == report.table()
+
+
+def test_memory_accounting_for_hosts(tiny_dir):
+    # What ComfyUI's model management plans with: nothing resident before a load, the weights after, and
+    # device copies dropped (the CPU host copy is the module itself, so it stays) by release_device_copies.
+    e = _engine(tiny_dir, memory_mode="all_gpu")
+    assert e.resident_bytes() == 0
+    planned = e.planned_device_bytes()
+    assert planned == sum(s.host_bytes(e.dtype) for s in e._slots.values()) > 0
+    e.load()
+    held = e.resident_bytes()
+    assert 0 < held and e.resident_bytes(torch.device("cpu")) == held
+    assert e.activation_bytes() > 0
+    e.release_device_copies()
+    assert e.resident_bytes() <= held
+    e.unload()
+    assert e.resident_bytes() == 0

@@ -36,72 +36,6 @@ class OviEngineModel(nn.Module):
         return self.label
 
 
-def _tensors(module: nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-def _slots(engine) -> list:
-    # The engine's per-component slots (``live`` module in use, optional ``host`` copy). Read defensively: if the
-    # engine's internals change, sizes read as 0 and releasing still works through engine.unload().
-    slots = getattr(engine, "_slots", None)
-    return list(slots.values()) if isinstance(slots, dict) else []
-
-
-def resident_bytes(engine, device: torch.device | None = None) -> int:
-    """Bytes of weights the engine holds now (on ``device`` only, when given); shared tensors count once."""
-    seen, total = set(), 0
-    for slot in _slots(engine):
-        for module in (getattr(slot, "live", None), getattr(slot, "host", None)):
-            if module is None:
-                continue
-            for t in _tensors(module):
-                if t.device.type == "meta" or (device is not None and not _same_device(t.device, device)):
-                    continue
-                key = (t.device, t.untyped_storage().data_ptr())
-                if key not in seen:
-                    seen.add(key)
-                    total += t.untyped_storage().nbytes()
-    return total
-
-
-def _fusion_layers(engine) -> int:
-    """Fused layer count, from the fusion file's tensor names (``...blocks.<i>....``)."""
-    found = set()
-    for info in getattr(engine, "fusion_info", ()):
-        for key in getattr(info, "shapes", {}):
-            parts = key.split(".")
-            if "blocks" in parts[:-1]:
-                found.add(parts[parts.index("blocks") + 1])
-    return max(1, len(found))
-
-
-def planned_bytes(engine) -> int:
-    """What the engine will put on its device at once in its memory mode (ComfyUI frees that much for it)."""
-    sizes = {}
-    for slot in _slots(engine):
-        try:
-            sizes[slot.name] = slot.host_bytes(engine.dtype)
-        except (AttributeError, TypeError):
-            continue
-    if not sizes:
-        return 0
-    mode = getattr(engine, "memory_mode", "all_gpu")
-    if mode == "all_gpu":
-        return sum(sizes.values())
-    fusion = max(sizes.values())
-    if mode == "block_swap":
-        # resident layers + the two in flight, of the fusion model; the other components come one at a time
-        share = min(1.0, (getattr(engine, "resident_layers", 0) + 2) / _fusion_layers(engine))
-        rest = [v for k, v in sizes.items() if "fusion" not in k]
-        return max([int(fusion * share)] + rest)
-    return fusion  # offload: one component on the device at a time, the fusion model being the largest
-
-
 class OviModelPatcher(ModelPatcher):
     """The OVI_ENGINE value the nodes pass around: ``.engine`` is the ``OviEngine``.
 
@@ -112,7 +46,7 @@ class OviModelPatcher(ModelPatcher):
     def __init__(self, engine, label: str):
         device = torch.device(engine.device)
         super().__init__(OviEngineModel(label), load_device=device, offload_device=torch.device("cpu"),
-                         size=max(1, planned_bytes(engine)))
+                         size=max(1, engine.planned_device_bytes()))
         self.engine = engine
         self.label = label
         # Logged when the last reference goes (tests watch for it); not at interpreter exit.
@@ -123,7 +57,7 @@ class OviModelPatcher(ModelPatcher):
         return self.size
 
     def loaded_size(self) -> int:
-        return resident_bytes(self.engine, self.load_device)
+        return self.engine.resident_bytes(self.load_device)
 
     def model_dtype(self):
         return self.engine.dtype
@@ -153,29 +87,19 @@ class OviModelPatcher(ModelPatcher):
     def release(self, reason: str, keep_host: bool = False) -> int:
         """Free the engine's weights (device copies only with ``keep_host`` where the engine keeps host copies,
         so a reload is fast); returns the device bytes freed. Logged, so users (and tests) can see it."""
-        before, held = self.loaded_size(), resident_bytes(self.engine)
-        drop = getattr(self.engine, "_drop", None)
-        if keep_host and self.load_device.type != "cpu" and callable(drop) and _slots(self.engine):
-            drop(*self.engine._slots)
+        before, held = self.loaded_size(), self.engine.resident_bytes()
+        if keep_host and self.load_device.type != "cpu":
+            self.engine.release_device_copies()
         else:
             self.engine.unload()
-        after, still = self.loaded_size(), resident_bytes(self.engine)
+        after, still = self.loaded_size(), self.engine.resident_bytes()
         log.info("%s: %s; released %s of weights (%s held before, %s still held)", self.label, reason,
                  human_bytes(max(0, held - still)), human_bytes(held), human_bytes(still))
         mm.soft_empty_cache()
         return max(0, before - after)
 
 
-def activation_bytes(engine) -> int:
-    """The engine's rough activation peak, so ComfyUI makes room for the working memory too, not just weights."""
-    estimate = getattr(engine, "_activation_bytes", None)
-    try:
-        return int(estimate()) if callable(estimate) else 0
-    except Exception:  # an estimate only; never let it break a run
-        return 0
-
-
 def prepare(patcher: OviModelPatcher) -> None:
     """Register the engine with ComfyUI (first call) and let ComfyUI make room on the device for it."""
-    mm.load_models_gpu([patcher], memory_required=activation_bytes(patcher.engine))
+    mm.load_models_gpu([patcher], memory_required=patcher.engine.activation_bytes())
 
