@@ -15,7 +15,7 @@ from ovi.block_swap import BlockSwapper, _CloneCopier
 from ovi.fusion.checkpoint import load_fusion_model
 from ovi.fusion.config import FusionConfig
 from ovi.loading import CheckpointError
-from ovi.quant.gguf_dequant import DEQUANTIZERS, block_sizes, dequantize
+from ovi.quant.gguf_dequant import READABLE, block_sizes, dequantize
 from ovi.quant.gguf_load import (GGUFEmbedding, GGUFLinear, llama_t5_name, load_fusion_gguf, load_umt5_gguf)
 from ovi.quant.gguf_quantize import quantize, quantize_rtn
 from ovi.quant.gguf_write import convert_gguf
@@ -63,13 +63,46 @@ def _blocks_for(qtype: Q, rows: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", list(DEQUANTIZERS), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", list(READABLE), ids=lambda q: q.name)
 def test_torch_dequant_equals_gguf_py(qtype):
     raw = _blocks_for(qtype, 16, seed=int(qtype))
     ref = gguf.quants.dequantize(raw if qtype not in (Q.F32, Q.F16) else
                                  raw.view(np.float32 if qtype == Q.F32 else np.float16), qtype)
     ours = dequantize(torch.from_numpy(raw), qtype, (16, 1024))
     assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).reshape(16, 1024))
+
+
+def _gguf_py_values(raw: np.ndarray, qtype: Q, shape) -> torch.Tensor:
+    ref = gguf.quants.dequantize(raw if qtype not in (Q.F32, Q.F16) else
+                                 raw.view(np.float32 if qtype == Q.F32 else np.float16), qtype)
+    return torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).reshape(shape)
+
+
+@pytest.mark.parametrize("qtype", list(READABLE), ids=lambda q: q.name)
+def test_dequant_chunks_outputs_and_offsets(qtype):
+    """Chunk edges (a last partial chunk), bf16 results, a reused ``out`` buffer and raw bytes that start at
+    an odd address all give exactly gguf-py's values (bf16: those values rounded once)."""
+    raw = _blocks_for(qtype, 24, seed=100 + int(qtype))
+    ref = _gguf_py_values(raw, qtype, (24, 1024))
+    block, _ = block_sizes(qtype)
+    t = torch.from_numpy(raw)
+    for chunk in (block, 5 * block, 7 * 1024 + 3):  # one block; a few blocks; not a multiple of anything
+        assert torch.equal(dequantize(t, qtype, (24, 1024), chunk_values=chunk), ref)
+        got = dequantize(t, qtype, (24, 1024), torch.bfloat16, chunk_values=chunk)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref.to(torch.bfloat16))
+    out = torch.full((24, 1024), float("nan"))
+    assert dequantize(t, qtype, (24, 1024), out=out) is out and torch.equal(out, ref)
+    odd = torch.empty(raw.size + 1, dtype=torch.uint8)
+    odd[1:] = t.reshape(-1)
+    assert torch.equal(dequantize(odd[1:], qtype, (24, 1024)), ref)
+
+
+def test_dequant_rejects_mismatched_sizes():
+    raw = torch.from_numpy(_blocks_for(Q.Q4_K, 4, seed=3))
+    with pytest.raises(ValueError, match="blocks hold"):
+        dequantize(raw, Q.Q4_K, (4, 1000))
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize(raw, Q.Q4_K, (4, 1024), out=torch.empty(1024, 4).t())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K, Q.Q4_K], ids=lambda q: q.name)

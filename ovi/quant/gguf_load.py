@@ -31,7 +31,7 @@ from ..fusion.model import FusionModel
 from ..loading import GGUF_MAGIC, CheckpointError, TensorSource, check_keys, meta_device
 from ..log import log
 from ..text.umt5 import UMT5Config, UMT5Encoder
-from .gguf_dequant import DEQUANTIZERS, PLAIN, Q, dequantize
+from .gguf_dequant import PLAIN, READABLE, Q, dequantize
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 FUSION_ARCH = "ovi"
@@ -198,9 +198,9 @@ class GGUFFile:
                 self.metadata[name] = _field(self.reader, name)
         for t in self.reader.tensors:
             qtype = int(t.tensor_type)
-            if Q(qtype) not in DEQUANTIZERS:
+            if Q(qtype) not in READABLE:
                 raise CheckpointError(self.path, f"tensor {t.name!r} is stored as {Q(qtype).name}, which this loader "
-                                                 f"does not read (it reads {', '.join(q.name for q in DEQUANTIZERS)}).")
+                                                 f"does not read (it reads {', '.join(q.name for q in READABLE)}).")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             orig = _field(self.reader, ORIG_SHAPE_KEY + t.name)
             if orig is not None:
