@@ -3,10 +3,12 @@
 Every kernel does its float arithmetic in float32 in the same order as gguf-py's numpy reference, so the
 two agree bit for bit (and a bf16 result is exactly the float32 result rounded once).
 
-Speed comes from three habits. Bit unpacking is done on uint8 (one byte a value) and widened to float32
-once. Every full-size step writes into the destination in place, so a block type costs one conversion and
-one or two float passes. On the CPU the tensor is walked in chunks that fit in the cache: the float32
-intermediates of a chunk never travel to main memory, and a bf16 result is rounded from cache.
+On the CPU, torch costs a few microseconds per op and is slow wherever an op writes short strided rows,
+so the kernels are shaped around that: bit fields are cut out eight bytes at a time (int64) into whole
+contiguous planes, the planes are put in value order by a ``stack`` of 16-byte units, the values are widened
+to float32 once and scaled in place; the per-block factors are computed once per tensor, and the values in
+cache-sized chunks so that a chunk's float32 intermediates (and a bf16 result's rounding) stay in cache.
+The same code runs on a GPU, where the chunks are simply large.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ QK_K = 256
 CPU_CHUNK_VALUES = 1 << 20
 # Elsewhere chunks only bound the float32 temporaries of a bf16 result.
 DEVICE_CHUNK_VALUES = 1 << 24
+
 
 def _reinterpret(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bytes seen as ``dtype`` in place where the offsets allow it (the common case), else from a copy."""
@@ -72,8 +75,10 @@ def _interleave(planes: torch.Tensor, dim: int) -> torch.Tensor:
     moved to ``dim``.
 
     A permuting ``copy_`` of short rows is slow on the CPU; ``stack`` of 16-byte units (bytes seen as
-    complex128, only ever copied whole, never computed on) runs at memcpy speed."""
-    return torch.stack(planes.view(torch.complex128).unbind(0), dim=dim).view(torch.uint8)
+    complex128, only ever copied whole, never computed on) runs at memcpy speed. Other devices (some lack
+    complex128) stack 8-byte units."""
+    unit = torch.complex128 if planes.device.type == "cpu" else torch.int64
+    return torch.stack(planes.view(unit).unbind(0), dim=dim).view(torch.uint8)
 
 
 def _values(dst: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
