@@ -1,6 +1,7 @@
 """Command line: ``python -m ovi generate | info | download | convert``.
 
     python -m ovi generate --models ckpts --variant 960x960_10s --prompt "..." --out clip.mp4
+    python -m ovi generate --models ckpts --fusion model_960x960_10s_q8_0.gguf --prompt "..." --out clip.mp4
     python -m ovi info ckpts/Ovi/model_960x960_10s.safetensors
     python -m ovi download --variant 960x960_10s --dest ckpts
     python -m ovi convert --to fp8 ckpts/Ovi/model_960x960_10s.safetensors model_960x960_10s_fp8.safetensors
@@ -83,6 +84,15 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
+class _OneOrTwo(argparse.Action):
+    """argparse has no "1 or 2 values" count: take "+" and refuse a third."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one file or a video + audio pair, got {len(values)} paths")
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .attention import BACKENDS
     from .engine import MEMORY_MODES
@@ -101,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the description; speech in <S>...<E>, sound after 'Audio:'")
     g.add_argument("--image", type=Path, help="first frame (I2AV)")
     g.add_argument("--variant", choices=list(VARIANTS), help="needed when the folder holds several models")
+    g.add_argument("--fusion", nargs="+", type=Path, action=_OneOrTwo, metavar="PATH",
+                   help="fusion model file (bf16, FP8 or GGUF), or a split video + audio pair, used instead of the "
+                        "Ovi/ lookup; its variant comes from its metadata or name")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--seed", type=int, default=100)
     g.add_argument("--solver", choices=list(SOLVERS) + ["dpmpp"], default="unipc")
@@ -156,9 +169,10 @@ def _generate(a: argparse.Namespace, stop: _StopFlag) -> int:
         raise ValueError(f"--out must name an .mp4 file, got {a.out}")
     if not a.out.parent.is_dir():
         raise ValueError(f"the output folder {a.out.parent} does not exist")
-    engine = OviEngine.from_dir(a.models, variant=a.variant, device=a.device, dtype=parse_dtype(a.dtype),
-                                memory_mode=a.memory_mode, block_swap=a.block_swap, attention=a.attention,
-                                vae_dtype=a.vae_dtype, tile_size=a.tile_size, tile_overlap=a.tile_overlap)
+    engine = OviEngine.from_dir(a.models, fusion=a.fusion, variant=a.variant, device=a.device,
+                                dtype=parse_dtype(a.dtype), memory_mode=a.memory_mode, block_swap=a.block_swap,
+                                attention=a.attention, vae_dtype=a.vae_dtype, tile_size=a.tile_size,
+                                tile_overlap=a.tile_overlap)
     if stop():
         raise Interrupted(0, a.steps)
     result = engine.generate(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -160,23 +161,79 @@ _DIR_LAYOUT = {
     "audio_vae": ("MMAudio/ext_weights/v1-16.pth",),
     "vocoder": ("MMAudio/ext_weights/best_netG.pt",),
 }
-_COMPONENT_WORDS = {"fusion": "fusion model (Ovi/model*.safetensors)", "text_encoder": "umT5 text encoder",
+_COMPONENT_WORDS = {"fusion": "fusion model", "text_encoder": "umT5 text encoder",
                     "tokenizer": "umT5 tokenizer", "video_vae": "Wan2.2 video VAE", "audio_vae": "MMAudio VAE",
                     "vocoder": "BigVGAN vocoder"}
+_FUSION_KINDS = ("bf16", "FP8", "GGUF")  # from_dir's preference: the unquantised weights first
 
 
-def _find_fusion(root: Path, variant: str | None) -> tuple[Path | None, list[Path]]:
-    """(the fusion file for ``variant`` under root/Ovi, the paths looked at)."""
+@dataclass(frozen=True)
+class _FusionCandidate:
+    paths: tuple[Path, ...]  # one file, or the video + audio halves of a split pack
+    variant: str
+    rank: int                # index into _FUSION_KINDS
+
+    @property
+    def label(self) -> str:
+        return " + ".join(p.name for p in self.paths)
+
+
+def _fusion_candidates(folder: Path, variant: str | None) -> list[_FusionCandidate]:
+    """Every known fusion file (or split pair) of ``variant`` (None: all) under ``folder``, present or not, in
+    preference order: bf16, FP8, GGUF, and within one kind the order of ``KNOWN_FILES``."""
+    files = [f for f in KNOWN_FILES if variant is None or f.variant == variant]
+    out: list[_FusionCandidate] = []
+    halves: dict[tuple, dict[str, Path]] = {}
+    for f in files:
+        rank = 2 if f.name.lower().endswith(".gguf") else 1 if f.fp8 else 0
+        if f.part == "full":
+            out.append(_FusionCandidate((folder / f.name,), f.variant, rank))
+            continue
+        # The two halves of a pack differ only in the word video/audio (either case), so that word masked out
+        # names the pair.
+        stem = re.sub(f"(?i){f.part}", "*", f.name, count=1)
+        pair = halves.setdefault((stem, f.variant, rank), {})
+        pair[f.part] = folder / f.name
+        if len(pair) == 2:
+            out.append(_FusionCandidate((pair["video"], pair["audio"]), f.variant, rank))
+    return sorted(out, key=lambda c: c.rank)  # stable: KNOWN_FILES order within a kind
+
+
+def _find_fusion(root: Path, variant: str | None) -> tuple[tuple[Path, ...] | None, list[Path]]:
+    """(the fusion file(s) for ``variant`` under root/Ovi, every path looked at).
+
+    bf16 is preferred, then FP8, then GGUF; a split pack counts only when both halves are there. Files of
+    several variants with none chosen is an error; several files of one variant is not (the preferred one is
+    used and the others are named in the log)."""
     folder = root / "Ovi"
-    names = [f for f in KNOWN_FILES if not f.fp8 and f.part == "full" and not f.name.endswith(".gguf")]
-    if variant is not None:
-        names = [f for f in names if f.variant == get_variant(variant).name]
-    tried = [folder / f.name for f in names]
-    present = [p for p in tried if p.is_file()]
-    if variant is None and len(present) > 1:
-        raise ValueError(f"{folder} holds several Ovi models ({', '.join(p.name for p in present)}); choose one with "
-                         f"variant= (or --variant): {', '.join(VARIANTS)}")
-    return (present[0] if present else None), tried
+    want = get_variant(variant).name if variant is not None else None
+    candidates = _fusion_candidates(folder, want)
+    tried = list(dict.fromkeys(p for c in candidates for p in c.paths))
+    present = [c for c in candidates if all(p.is_file() for p in c.paths)]
+    if not present:
+        return None, tried
+    variants = list(dict.fromkeys(c.variant for c in present))
+    if len(variants) > 1:
+        raise ValueError(f"{folder} holds several Ovi models (" +
+                         "; ".join(f"{v}: {', '.join(c.label for c in present if c.variant == v)}" for v in variants) +
+                         f"); choose one with variant= (or --variant): {', '.join(VARIANTS)}; or give the file with "
+                         "fusion= (--fusion)")
+    chosen, others = present[0], present[1:]
+    why = "" if chosen.rank == 0 else (f"; no {' or '.join(_FUSION_KINDS[:chosen.rank])} file for "
+                                        f"{chosen.variant} there")
+    log.info("fusion model: %s (%s%s)%s", ", ".join(str(p) for p in chosen.paths), _FUSION_KINDS[chosen.rank], why,
+             f"; also present, not used: {', '.join(c.label for c in others)}" if others else "")
+    return chosen.paths, tried
+
+
+def _given_fusion(fusion) -> tuple[list[Path], list[str]]:
+    """(the paths of an explicit ``fusion=`` argument, what is wrong with them)."""
+    paths = [Path(fusion)] if isinstance(fusion, (str, os.PathLike)) else [Path(p) for p in fusion]
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"fusion= takes one file or a video + audio pair, got {len(paths)} paths")
+    problems = [f"{_COMPONENT_WORDS['fusion']}: {p} (given) " + ("is not a file" if p.exists() else "does not exist")
+                for p in paths if not p.is_file()]
+    return paths, problems
 
 
 class OviEngine:
@@ -208,11 +265,17 @@ class OviEngine:
         bad = [i for i in self.fusion_info if not i.is_fusion]
         if bad:
             raise CheckpointError(bad[0].path, f"given as the fusion model, but it is {bad[0].description}.")
+        if len(fusion_paths) > 1 and any(i.format == "gguf" for i in self.fusion_info):
+            raise CheckpointError(fusion_paths[0], "a GGUF fusion model is one file; split video + audio pairs are "
+                                                   "read from safetensors only")
         self.variant_choice: VariantChoice = resolve_variant(fusion_paths, opts.variant,
                                                              metadata=[i.metadata for i in self.fusion_info])
         self.variant: Variant = self.variant_choice.variant
         fusion_bytes = sum(i.file_bytes for i in self.fusion_info)
-        log.info(describe_variant(self.variant_choice, self.fusion_info[0].dtype, fusion_bytes))
+        first = self.fusion_info[0]
+        # A GGUF file's float summary covers only its unquantised tensors (norms, biases); its quant type says more.
+        kind = f"GGUF {first.quantization}" if first.format == "gguf" and first.quantization else first.dtype
+        log.info(describe_variant(self.variant_choice, kind, fusion_bytes))
 
         infos = {k: inspect_file(self.paths[k]) for k in ("text_encoder", "video_vae", "audio_vae", "vocoder")}
         self._infos = infos
@@ -235,31 +298,44 @@ class OviEngine:
 
     # -- construction helpers ------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, models_dir: str | os.PathLike, **options) -> "OviEngine":
+    def from_dir(cls, models_dir: str | os.PathLike, *,
+                 fusion: str | os.PathLike | Sequence[str | os.PathLike] | None = None, **options) -> "OviEngine":
         """An engine over the official download tree: ``Ovi/``, ``Wan2.2-TI2V-5B/``, ``MMAudio/ext_weights/``
-        (ComfyUI-style ``text_encoders/`` and ``vae/`` copies are accepted as fallbacks)."""
+        (ComfyUI-style ``text_encoders/`` and ``vae/`` copies are accepted as fallbacks).
+
+        The fusion model is the known file of the variant under ``Ovi/``: the bf16 one, else an FP8 one, else a
+        GGUF one (``KNOWN_FILES``; the log names the file chosen). ``fusion`` (a bf16, FP8 or GGUF file, or a
+        split video + audio pair) is used instead of that lookup; its variant comes from its header metadata or
+        name, as for ``OviEngine(...)``."""
         root = Path(models_dir)
         opts = _make_options(options)
-        if not root.is_dir():
-            raise MissingComponentError(f"models folder {root} does not exist. Download the files with "
-                                        f"`python -m ovi download --variant {opts.variant or '960x960_10s'} "
-                                        f"--dest {root}`.")
         found, missing = {}, []
-        fusion, tried = _find_fusion(root, opts.variant)
+        if fusion is not None:
+            found["fusion"], missing = _given_fusion(fusion)
+        bad_given = len(missing)
+        if not root.is_dir():
+            raise MissingComponentError("".join(f"{m}\n" for m in missing) + (
+                f"models folder {root} does not exist. Download the files with `python -m ovi download --variant "
+                f"{opts.variant or '960x960_10s'} --dest {root}`."))
         if fusion is None:
-            missing.append(f"{_COMPONENT_WORDS['fusion']}: looked for {', '.join(str(p) for p in tried)}")
-        found["fusion"] = fusion
+            found["fusion"], tried = _find_fusion(root, opts.variant)
+            if found["fusion"] is None:
+                missing.append(f"{_COMPONENT_WORDS['fusion']} (bf16, FP8 or GGUF): looked for "
+                               f"{', '.join(str(p) for p in tried)}; or give the file with fusion= (--fusion)")
         for key, rels in _DIR_LAYOUT.items():
             hit = next((root / r for r in rels if (root / r).exists()), None)
             if hit is None and key != "tokenizer":  # the tokenizer may ride inside a ComfyUI text-encoder file
                 missing.append(f"{_COMPONENT_WORDS[key]}: looked for {', '.join(str(root / r) for r in rels)}")
             found[key] = hit
         if missing:
+            # A given fusion file that is absent is a wrong path, which no download fixes.
             raise MissingComponentError(
-                f"missing Ovi components under {root}:\n  " + "\n  ".join(missing) +
-                f"\nDownload them with `python -m ovi download --variant {opts.variant or '<variant>'} --dest {root}`.")
-        return cls(found["fusion"], found["text_encoder"], found["tokenizer"], found["video_vae"],
-                   found["audio_vae"], found["vocoder"], options=opts)
+                f"missing Ovi components under {root}:\n  " + "\n  ".join(missing) + ("" if len(missing) == bad_given
+                else f"\nDownload them with `python -m ovi download --variant {opts.variant or '<variant>'} "
+                     f"--dest {root}`."))
+        fusion_paths = found["fusion"]
+        return cls(fusion_paths[0] if len(fusion_paths) == 1 else fusion_paths, found["text_encoder"],
+                   found["tokenizer"], found["video_vae"], found["audio_vae"], found["vocoder"], options=opts)
 
     def _load_fusion(self, device, dtype):
         from .fusion.checkpoint import load_fusion_model

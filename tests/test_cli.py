@@ -109,3 +109,25 @@ def test_download_is_delegated(monkeypatch):
     monkeypatch.setattr(ovi, "download", fake, raising=False)
     assert main(["download", "--variant", "720x720_5s", "--dest", "somewhere"]) == 7
     assert seen == [["--variant", "720x720_5s", "--dest", "somewhere"]]
+
+
+def test_generate_fusion_option(tiny_dir, tmp_path, capsys):
+    from ovi.__main__ import _parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    assert "--fusion PATH" in capsys.readouterr().out
+    base = ["generate", "--models", str(tiny_dir), "--prompt", PROMPT, "--out", str(tmp_path / "x.mp4")]
+    assert _parser().parse_args(base).fusion is None
+    assert _parser().parse_args(base + ["--fusion", "a.gguf"]).fusion == [Path("a.gguf")]
+    assert _parser().parse_args(base + ["--fusion", "v.safetensors", "a.safetensors"]).fusion == [
+        Path("v.safetensors"), Path("a.safetensors")]
+    with pytest.raises(SystemExit) as info:
+        main(base + ["--fusion", "a", "b", "c"])
+    assert info.value.code == 2 and "one file or a video + audio pair, got 3" in capsys.readouterr().err
+    # passed through to the engine: a missing file is named, without the three-variant lookup of tiny_dir/Ovi
+    absent = tmp_path / "absent.gguf"
+    assert main(base + ["--fusion", str(absent)]) == 2
+    err = capsys.readouterr().err
+    assert f"{absent} (given) does not exist" in err and "several Ovi models" not in err

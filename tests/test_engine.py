@@ -468,3 +468,139 @@ def test_memory_accounting_for_hosts(tiny_dir):
     assert e.resident_bytes() <= held
     e.unload()
     assert e.resident_bytes() == 0
+
+
+# -- quantised fusion files: an explicit file, and the Ovi/ fallback to FP8 / GGUF --------------------------
+@pytest.fixture(scope="module")
+def quantised(tiny_dir, tmp_path_factory):
+    """An FP8 copy of the tiny 720x720_5s model and a Q8_0 GGUF copy of the 960x960_10s one, under neutral names
+    so the variant can only come from the header metadata the converters record."""
+    from ovi.convert import convert_fp8
+    from ovi.quant.gguf_write import convert_gguf
+
+    d = tmp_path_factory.mktemp("quantised")
+    fp8, gguf = d / "my_ovi_fp8.safetensors", d / "my_ovi.gguf"
+    convert_fp8(tiny_dir / "Ovi" / "model.safetensors", fp8)
+    convert_gguf(tiny_dir / "Ovi" / "model_960x960_10s.safetensors", gguf, "q8_0")
+    return SimpleNamespace(fp8=fp8, gguf=gguf)
+
+
+def _models_with(tiny_dir: Path, dst: Path, ovi_files: dict[str, Path]) -> Path:
+    """A models folder linking to the tiny set's other components, whose Ovi/ holds only ``ovi_files``
+    ({name there: the file it links to})."""
+    _mirror(tiny_dir, dst, "Ovi")
+    (dst / "Ovi").mkdir()
+    for name, target in ovi_files.items():
+        (dst / "Ovi" / name).symlink_to(target)
+    return dst
+
+
+def test_from_dir_with_an_explicit_fp8_file(tiny_dir, quantised, run_720, caplog):
+    # tiny_dir/Ovi holds three variants: the given file bypasses that lookup (no "choose a variant" error)
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine.from_dir(tiny_dir, fusion=quantised.fp8, memory_mode="all_gpu")
+    assert e.paths["fusion"] == [quantised.fp8]
+    assert e.variant.name == "720x720_5s" and e.variant_choice.source == "metadata"
+    assert "fusion model:" not in caplog.text  # no Ovi/ lookup happened
+    assert "fp8_e4m3fn" in e.fusion_info[0].quantization
+    e.load()
+    stored = {t.dtype for t in e.fusion_model.state_dict().values()}
+    assert torch.float8_e4m3fn in stored  # the FP8 weights are kept as stored, not widened at load
+    r = e.generate(PROMPT, **GEN)
+    assert r.variant == "720x720_5s" and r.prompt.endswith("<ENDAUDCAP>")
+    assert r.video_latent.shape == run_720.result.video_latent.shape and r.audio_latent.shape == (157, 20)
+    assert torch.isfinite(r.video_latent).all() and torch.isfinite(r.audio_latent).all()
+    # the same model at lower precision: close to the bf16 run, not identical to it
+    assert not torch.equal(r.video_latent, run_720.result.video_latent)
+    for got, ref in ((r.video_latent, run_720.result.video_latent), (r.audio_latent, run_720.result.audio_latent)):
+        assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.98
+        assert (got - ref).norm() < 0.2 * ref.norm()
+    with pytest.raises(ValueError, match="metadata"):  # the header says 720x720_5s; a contrary choice is refused
+        OviEngine.from_dir(tiny_dir, fusion=[quantised.fp8], variant="960x960_10s")
+
+
+def test_from_dir_with_an_explicit_gguf_file(tiny_dir, quantised, caplog):
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine.from_dir(tiny_dir, fusion=[str(quantised.gguf)])
+    assert e.paths["fusion"] == [quantised.gguf]
+    assert e.variant.name == "960x960_10s" and e.variant_choice.source == "metadata"
+    assert "variant 960x960_10s" in caplog.text and "GGUF Q8_0" in caplog.text
+    e.load()
+    assert e.fusion_model.num_layers == 2
+    with pytest.raises(CheckpointError, match="GGUF fusion model is one file"):
+        OviEngine.from_dir(tiny_dir, fusion=[quantised.gguf, quantised.gguf])
+
+
+def test_from_dir_bad_explicit_fusion(tiny_dir, tmp_path):
+    absent = tmp_path / "absent.gguf"
+    with pytest.raises(MissingComponentError) as info:
+        OviEngine.from_dir(tiny_dir, fusion=absent)
+    msg = str(info.value)
+    assert f"fusion model: {absent} (given) does not exist" in msg and "Download" not in msg
+    with pytest.raises(MissingComponentError, match="is not a file"):
+        OviEngine.from_dir(tiny_dir, fusion=tiny_dir / "Ovi")
+    with pytest.raises(MissingComponentError, match=f"{absent}.*\n.*models folder .*nowhere does not exist"):
+        OviEngine.from_dir(tmp_path / "nowhere", fusion=absent)
+    with pytest.raises(ValueError, match="one file or a video \\+ audio pair, got 3"):
+        OviEngine.from_dir(tiny_dir, fusion=[absent] * 3)
+
+
+def test_ovi_folder_falls_back_to_fp8_then_gguf(tiny_dir, quantised, tmp_path, caplog):
+    fp8_name = "model_fp8_e4m3fn.safetensors"  # the official FP8 file of 720x720_5s
+    only_fp8 = _models_with(tiny_dir, tmp_path / "only_fp8", {fp8_name: quantised.fp8})
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine.from_dir(only_fp8)  # one variant present: no choice needed
+    assert e.paths["fusion"] == [only_fp8 / "Ovi" / fp8_name] and e.variant.name == "720x720_5s"
+    assert f"fusion model: {only_fp8 / 'Ovi' / fp8_name} (FP8; no bf16 file for 720x720_5s there)" in caplog.text
+
+    # two files of one variant: bf16 wins, and the log names the file left unused
+    both = _models_with(tiny_dir, tmp_path / "both", {fp8_name: quantised.fp8,
+                                                      "model.safetensors": tiny_dir / "Ovi" / "model.safetensors"})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine.from_dir(both)
+    assert e.paths["fusion"] == [both / "Ovi" / "model.safetensors"]
+    assert f"(bf16); also present, not used: {fp8_name}" in caplog.text
+
+    gguf_name = "Ovi-960x960-10s-Q4_K.gguf"  # a ComfyUI-Ovi GGUF name (its content here is our Q8_0 file)
+    only_gguf = _models_with(tiny_dir, tmp_path / "only_gguf", {gguf_name: quantised.gguf})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ovi"):
+        e = OviEngine.from_dir(only_gguf, variant="960x960_10s")
+    assert e.paths["fusion"] == [only_gguf / "Ovi" / gguf_name] and e.variant.name == "960x960_10s"
+    assert "(GGUF; no bf16 or FP8 file for 960x960_10s there)" in caplog.text
+
+    # files of two variants and none chosen is still the user's choice to make
+    two = _models_with(tiny_dir, tmp_path / "two", {fp8_name: quantised.fp8, gguf_name: quantised.gguf})
+    with pytest.raises(ValueError, match=f"several Ovi models \\(720x720_5s: {fp8_name}; 960x960_10s: {gguf_name}"):
+        OviEngine.from_dir(two)
+    assert OviEngine.from_dir(two, variant="720x720_5s").paths["fusion"] == [two / "Ovi" / fp8_name]
+
+
+def test_split_pairs_count_only_when_whole(tmp_path):
+    from ovi.engine import _find_fusion
+
+    ovi = tmp_path / "Ovi"
+    ovi.mkdir()
+    video, audio = ovi / "Wan2_2_Ovi_Video_fp8_e4m3fn_scaled_KJ.safetensors", ovi / \
+        "Wan2_2_Ovi_Audio_fp8_e4m3fn_scaled_KJ.safetensors"
+    video.touch()
+    found, tried = _find_fusion(tmp_path, "720x720_5s")
+    assert found is None and video in tried and audio in tried
+    audio.touch()
+    assert _find_fusion(tmp_path, None)[0] == (video, audio)
+    (ovi / "Wan_2_2_Ovi_audio_model_bf16.safetensors").touch()  # half a bf16 pack does not outrank a whole FP8 one
+    assert _find_fusion(tmp_path, "720x720_5s")[0] == (video, audio)
+
+
+def test_missing_fusion_lists_every_kind(tiny_dir, tmp_path):
+    no_ovi = _mirror(tiny_dir, tmp_path / "no_ovi", "Ovi")
+    with pytest.raises(MissingComponentError) as info:
+        OviEngine.from_dir(no_ovi, variant="960x960_10s")
+    msg = str(info.value)
+    for name in ("model_960x960_10s.safetensors", "Ovi-960x960-10s.safetensors",
+                 "Wan2_2-5B-Ovi_960x960_10s_fp8_e4m3fn_scaled_KJ.safetensors", "Ovi-960x960-10s-F16.gguf",
+                 "Ovi-960x960-10s-Q4_K.gguf"):
+        assert str(no_ovi / "Ovi" / name) in msg
+    assert "model.safetensors," not in msg and "fp8_e4m3fn.safetensors" not in msg  # other variants' files
+    assert "fusion= (--fusion)" in msg and "Download them" in msg
