@@ -49,6 +49,9 @@ class FileInfo:
     numel: int = 0
     metadata: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict, repr=False)  # {key: shape}, for size estimates
+    # {key: bytes} of the tensors our loaders keep in their stored format (FP8 fusion weights, quantised GGUF
+    # blocks); every other tensor is cast to the compute dtype at load
+    stored_bytes: dict = field(default_factory=dict, repr=False)
     variant: str | None = None
     variant_source: str | None = None
 
@@ -145,7 +148,7 @@ def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[
     except Exception as e:
         raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e}); it is corrupt or "
                                     "truncated.") from e
-    keys, shapes, kinds, nbytes = [], {}, {}, {}
+    keys, shapes, kinds, nbytes, stored = [], {}, {}, {}, {}
     plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for t in reader.tensors:
         keys.append(t.name)
@@ -154,12 +157,14 @@ def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[
         kinds[kind] = kinds.get(kind, 0) + int(t.n_bytes)
         if kind in plain:
             nbytes[plain[kind]] = nbytes.get(plain[kind], 0) + int(t.n_bytes)
+        else:
+            stored[t.name] = int(t.n_bytes)
     quant = sorted((k for k in kinds if k not in plain), key=lambda k: -kinds[k])
     meta = {}
     for name, f in reader.fields.items():
         if name.startswith(("general.", "ovi.")) and f.types and f.types[0] == gguf.GGUFValueType.STRING:
             meta[name] = bytes(f.parts[-1]).decode("utf-8", "replace")
-    return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta, sum(kinds.values())
+    return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta, sum(kinds.values()), stored
 
 
 def inspect_file(path: str | os.PathLike) -> FileInfo:
@@ -174,7 +179,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     if p.name == "spiece.model" or p.suffix == ".model":
         return _inspect_spiece(p, size)
     if head[:4] == GGUF_MAGIC:
-        keys, shapes, dtype_bytes, quant, meta, data_bytes = _gguf_info(p)
+        keys, shapes, dtype_bytes, quant, meta, data_bytes, stored = _gguf_info(p)
         numel = sum(_prod(s) for s in shapes.values())
         fmt = "gguf"
         fp8_layout = None
@@ -192,6 +197,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
             numel += n
             dtype_bytes[s.dtype] = dtype_bytes.get(s.dtype, 0) + n * torch.empty((), dtype=s.dtype).element_size()
         quant = fp8_layout = None
+        stored = {k: _prod(s.shape) for k, s in sources.items() if s.dtype in FP8_DTYPES}
         fp8 = [d for d in dtype_bytes if d in FP8_DTYPES]
         if fp8 or "scaled_fp8" in keys:
             from .quant.fp8_checkpoint import detect_fp8_layout
@@ -208,15 +214,18 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         from .quant.gguf_load import official_t5_name
 
         shapes = {official_t5_name(k): v for k, v in shapes.items()}
+        stored = {official_t5_name(k): v for k, v in stored.items()}
         keys = list(shapes)
     component, layout = _component(keys, shapes)
     if fmt != "gguf" and fp8_layout is not None and component.startswith("fusion"):
         quant = fp8_layout.summary()
+    if fmt != "gguf" and not component.startswith("fusion"):
+        stored = {}  # FP8 text encoders are dequantised at load
     if CONFIG_METADATA_KEY in meta and component.startswith("fusion"):
         layout += "; config in header metadata (converted by this package)"
     info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),
                     quantization=quant, tensor_count=len(keys), file_bytes=size,
-                    tensor_bytes=data_bytes, numel=numel, metadata=meta, shapes=shapes)
+                    tensor_bytes=data_bytes, numel=numel, metadata=meta, shapes=shapes, stored_bytes=stored)
     if info.is_fusion:
         try:
             choice = resolve_variant([p], metadata=[meta])

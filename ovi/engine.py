@@ -236,6 +236,13 @@ def _given_fusion(fusion) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
+def _cast_and_stored(infos: Sequence[FileInfo]) -> tuple[int, torch.dtype | None, int]:
+    """ComponentSlot sizes of a component's files: (values cast to the compute dtype at load, host dtype (None:
+    the compute dtype), bytes kept in their stored FP8 / GGUF format)."""
+    cast = sum(math.prod(shape) for i in infos for key, shape in i.shapes.items() if key not in i.stored_bytes)
+    return cast, None, sum(sum(i.stored_bytes.values()) for i in infos)
+
+
 class OviEngine:
     def __init__(self, fusion: str | os.PathLike | Sequence[str | os.PathLike], text_encoder: str | os.PathLike,
                  tokenizer: str | os.PathLike | None = None, video_vae: str | os.PathLike | None = None,
@@ -283,8 +290,8 @@ class OviEngine:
         self._attention = make_attention(opts.attention, self.device, self.dtype)
         self._tokenizer = None
         self._slots = {
-            "fusion": ComponentSlot("fusion model", self._load_fusion, sum(i.numel for i in self.fusion_info)),
-            "text_encoder": ComponentSlot("text encoder", self._load_text, infos["text_encoder"].numel),
+            "fusion": ComponentSlot("fusion model", self._load_fusion, *_cast_and_stored(self.fusion_info)),
+            "text_encoder": ComponentSlot("text encoder", self._load_text, *_cast_and_stored([infos["text_encoder"]])),
             "video_vae": ComponentSlot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
             "audio": ComponentSlot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
                            torch.float32),
@@ -365,13 +372,15 @@ class OviEngine:
             self._tokenizer = load_tokenizer(self.paths["tokenizer"], checkpoint=self.paths["text_encoder"])
         return self._tokenizer
 
-    def _fusion_numbers(self) -> tuple[int, int, int, int, int]:
-        """(numel per fused layer, numel outside the layers, layers, dim, ffn_dim) from the header shapes."""
+    def _fusion_sizes(self) -> tuple[int, int, int, int, int]:
+        """(bytes per fused layer, bytes outside the layers, layers, dim, ffn_dim) from the header shapes, at the
+        compute dtype; FP8 and GGUF weights count at their stored size, since they stay that way in memory."""
+        it = torch.empty((), dtype=self.dtype).element_size()
         per_layer: dict[int, int] = {}
         other = dim = ffn = 0
         for info in self.fusion_info:
             for key, shape in info.shapes.items():
-                n = math.prod(shape)
+                n = info.stored_bytes.get(key, math.prod(shape) * it)
                 parts = key.split(".")
                 if "blocks" in parts and parts.index("blocks") + 1 < len(parts):
                     i = int(parts[parts.index("blocks") + 1])
@@ -388,7 +397,7 @@ class OviEngine:
     def _activation_bytes(self) -> int:
         """A rough activation peak of one forward at the variant's area: the token streams, the FFN hidden state
         and attention working buffers of the widest layer (flash/memory-efficient kernels, no L x L matrix)."""
-        _, _, _, dim, ffn = self._fusion_numbers()
+        _, _, _, dim, ffn = self._fusion_sizes()
         v = self.variant
         tokens = v.video_latent_length * v.target_area // (32 * 32) + v.audio_latent_length
         it = torch.empty((), dtype=self.dtype).element_size()
@@ -409,10 +418,8 @@ class OviEngine:
         free = info[0]
         budget = 0.92 * free
         gib = lambda n: f"{n / memory.GiB:.1f} GiB"  # noqa: E731
-        it = torch.empty((), dtype=self.dtype).element_size()
-        fusion = self._slots["fusion"].numel * it
-        rest = (self._slots["text_encoder"].numel * it + self._slots["video_vae"].numel * 4
-                + self._slots["audio"].numel * 4)
+        fusion = self._slots["fusion"].host_bytes(self.dtype)
+        rest = sum(self._slots[k].host_bytes(self.dtype) for k in ("text_encoder", "video_vae", "audio"))
         act = self._activation_bytes()
         if fusion + rest + act <= budget:
             return "all_gpu", 0, (f"all components ({gib(fusion + rest)}) and activations (~{gib(act)}) fit in "
@@ -420,9 +427,9 @@ class OviEngine:
         if fusion + act <= budget:
             return "offload", 0, (f"the fusion model ({gib(fusion)}) and activations (~{gib(act)}) fit in "
                                   f"{gib(free)} free, but not with the other components ({gib(rest)})")
-        layer, other, layers, _, _ = self._fusion_numbers()
+        layer, other, layers, _, _ = self._fusion_sizes()
         # two layers in flight for the prefetch, besides the resident ones
-        n = int((budget - act - (other + 2 * layer) * it) // max(layer * it, 1))
+        n = int((budget - act - (other + 2 * layer)) // max(layer, 1))
         n = max(0, min(layers - 1, n))
         return "block_swap", n, (f"the fusion model ({gib(fusion)}) does not fit in {gib(free)} free with "
                                  f"activations (~{gib(act)}); {n} of {layers} layers stay resident")
@@ -488,10 +495,9 @@ class OviEngine:
         if self.memory_mode == "all_gpu":
             return sum(sizes.values())
         if self.memory_mode == "block_swap":
-            per_layer, other, layers, _, _ = self._fusion_numbers()
+            per_layer, other, layers, _, _ = self._fusion_sizes()
             resident = min(layers, (self.resident_layers or 0) + 2)  # + the two layers in flight
-            it = torch.empty((), dtype=self.dtype).element_size()
-            fusion = (per_layer * resident + other) * it
+            fusion = per_layer * resident + other
             return max([fusion] + [v for k, v in sizes.items() if k != "fusion"])
         return max(sizes.values())  # offload: one component at a time
 

@@ -56,8 +56,10 @@ class ComponentSlot:
     """One component: how to load it from its file, an optional host copy, and the module in use (``live``)."""
 
     def __init__(self, name: str, loader: Callable[[torch.device, torch.dtype | None], nn.Module], numel: int,
-                 host_dtype: torch.dtype | None = None):
+                 host_dtype: torch.dtype | None = None, stored_bytes: int = 0):
+        # numel: values cast to the compute (or host) dtype at load; stored_bytes: FP8 / GGUF weights kept as stored
         self.name, self.loader, self.numel, self.host_dtype = name, loader, numel, host_dtype
+        self.stored_bytes = stored_bytes
         self.host: nn.Module | None = None
         self.host_pinned = False
         self.live: nn.Module | None = None
@@ -65,7 +67,7 @@ class ComponentSlot:
 
     def host_bytes(self, dtype: torch.dtype | None) -> int:
         it = torch.empty((), dtype=self.host_dtype or dtype or torch.float32).element_size()
-        return self.numel * it
+        return self.numel * it + self.stored_bytes
 
     def ensure_host(self, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
         if self.host is None:

@@ -211,10 +211,10 @@ def test_auto_mode_policy(tiny_dir, monkeypatch):
     """The auto choice on an accelerator, from the free memory the device reports (all sizes faked: a 30-layer
     model of 4-byte weights, 1000 per layer, 500 outside the layers, 10 kB of activations)."""
     e = _engine(tiny_dir)
-    layer, other, layers, _, _ = e._fusion_numbers()
-    assert (layers, 2 * layer + other) == (2, e._slots["fusion"].numel) and e._activation_bytes() > 0
+    layer, other, layers, _, _ = e._fusion_sizes()
+    assert (layers, 2 * layer + other) == (2, e._slots["fusion"].host_bytes(e.dtype)) and e._activation_bytes() > 0
     e.device = SimpleNamespace(type="cuda")
-    monkeypatch.setattr(e, "_fusion_numbers", lambda: (1000, 500, 30, 0, 0))
+    monkeypatch.setattr(e, "_fusion_sizes", lambda: (4000, 2000, 30, 0, 0))
     monkeypatch.setattr(e, "_activation_bytes", lambda: 10_000)
     for name, n in (("fusion", 30_500), ("text_encoder", 2000), ("video_vae", 1000), ("audio", 1000)):
         e._slots[name].numel = n
@@ -493,6 +493,39 @@ def _models_with(tiny_dir: Path, dst: Path, ovi_files: dict[str, Path]) -> Path:
     for name, target in ovi_files.items():
         (dst / "Ovi" / name).symlink_to(target)
     return dst
+
+
+def test_quantised_fusion_sizes_are_stored_sizes(tiny_dir, quantised, monkeypatch):
+    """Memory planning counts FP8 / GGUF weights at the size they keep in memory, not at the compute dtype: the
+    planned bytes match what a load holds, and the auto policy keeps more layers resident than for bf16."""
+    from ovi.residency import module_tensors
+
+    held = {}
+    for name, fusion in (("bf16", tiny_dir / "Ovi" / "model_960x960_10s.safetensors"), ("gguf", quantised.gguf)):
+        e = OviEngine.from_dir(tiny_dir, fusion=fusion, memory_mode="all_gpu")
+        planned = e._slots["fusion"].host_bytes(e.dtype)
+        e.load()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module_tensors(e.fusion_model)}
+        held[name] = sum(storages.values())
+        assert abs(planned - held[name]) <= 0.02 * held[name], (name, planned, held[name])
+        layer, other, layers, _, _ = e._fusion_sizes()
+        assert layer * layers + other == planned
+        e.unload()
+    # Q8_0 blocks (~1.06 B a value) against float32 weights; the tiny model's small tensors stay float32
+    assert held["gguf"] < 0.7 * held["bf16"]
+    e = OviEngine.from_dir(tiny_dir, fusion=quantised.fp8, memory_mode="all_gpu")
+    fp8_layer, _, _, _, _ = e._fusion_sizes()
+    bf16 = OviEngine.from_dir(tiny_dir, fusion=tiny_dir / "Ovi" / "model.safetensors", memory_mode="all_gpu")
+    bf16_layer, _, _, _, _ = bf16._fusion_sizes()
+    assert fp8_layer < 0.5 * bf16_layer
+    # free memory that holds everything with the FP8 fusion model is too little with the float32 one
+    for eng in (e, bf16):
+        eng.device, eng.options.memory_mode = SimpleNamespace(type="cuda"), "auto"
+        monkeypatch.setattr(eng, "_activation_bytes", lambda: 0)
+    need = sum(slot.host_bytes(e.dtype) for slot in e._slots.values())
+    monkeypatch.setattr(memory, "device_free", lambda device: (int(need / 0.92) + 1, 2 * need))
+    assert e._choose_mode()[0] == "all_gpu"
+    assert bf16._choose_mode()[0] in ("offload", "block_swap")
 
 
 def test_from_dir_with_an_explicit_fp8_file(tiny_dir, quantised, run_720, caplog):
