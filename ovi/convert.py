@@ -1,6 +1,6 @@
 """``python -m ovi convert``: rewrite a fusion checkpoint in another storage format, one tensor at a time.
 
-    python -m ovi convert --to fp8 [--granularity tensor|channel] [--variant NAME] SRC [SRC2] DST
+    python -m ovi convert --to fp8|gguf-<type> [--granularity tensor|channel] [--variant NAME] SRC [SRC2] DST
 
 FP8: the 2-D linear weights of every block of both backbones (self/cross attention q, k, v, o, the fusion
 k/v, FFN in/out) become float8_e4m3fn with a float32 scale (absmax / 448), per tensor or per output channel;
@@ -11,7 +11,8 @@ shift/scale/gate of every block, so its error would reach every layer. The outpu
 scaled-fp8 convention (``scaled_fp8`` marker, ``<layer>.scale_weight``) with header metadata naming format,
 granularity, source and variant. Sources: our/official bf16 files, split video/audio pairs, and every FP8
 layout the loader reads (scaled sources are re-quantised; a source already in the asked granularity
-passes through unchanged).
+passes through unchanged). GGUF (``quant.gguf_write``) takes the same sources and opens them the same way;
+FP8 weights are dequantised first (``dequantised_sources``).
 
 Reading goes through plain file reads and writing through ``StreamingWriter``, so peak memory stays near the
 largest tensor instead of the file size.
@@ -24,11 +25,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .loading import FP8_DTYPES, CheckpointError, TensorSource
+from .loading import FP8_DTYPES, CheckpointError, DerivedSource, TensorSource
 from .log import log
 from .quant.fp8 import E4M3, GRANULARITIES, dequantise_fp8, quantise_fp8
 from .quant.fp8_checkpoint import (FORMAT_FP8, FORMAT_KEY, GRANULARITY_KEY, MARKER, SCALE, SOURCE_KEY,
@@ -42,7 +43,8 @@ GGUF_TARGETS = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16", 
 TARGETS = ("fp8",) + GGUF_TARGETS
 
 
-def _variant(paths: list[Path], files, explicit: str | None) -> str | None:
+def output_variant(paths: list[Path], files, explicit: str | None) -> str | None:
+    """The variant to record in a converted file: the sources' metadata, their names, else ``explicit``."""
     from .detect import resolve_variant
 
     tagged = next((f.metadata[VARIANT_METADATA_KEY] for f in files if f.metadata.get(VARIANT_METADATA_KEY)), None)
@@ -57,7 +59,7 @@ def _variant(paths: list[Path], files, explicit: str | None) -> str | None:
         return None
 
 
-def _source_description(files) -> str:
+def describe_sources(files) -> str:
     parts = []
     for f in files:
         if f.fp8 is not None:
@@ -104,16 +106,40 @@ def _plan(sources: dict[str, TensorSource], granularity: str, out_dtype: torch.d
             def keep(s=s, scale=scale):
                 t = s.load()
                 if t.dtype in FP8_DTYPES or scale is not None:
-                    sc = scale.load() if scale is not None else None
-                    if sc is not None and sc.numel() > 1:
-                        sc = sc.reshape(-1, *[1] * (t.ndim - 1))
-                    return dequantise_fp8(t, sc, out_dtype)
+                    return _dequantise(t, scale.load() if scale is not None else None, out_dtype)
                 return t.to(out_dtype)
 
             entries.append((key, shape, out_dtype, keep))
         else:
             entries.append((key, shape, s.dtype, s.load))
     return entries
+
+
+def _dequantise(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    # a per-row scale may be stored [out] as well as [out, 1]; only the latter broadcasts over the rows
+    if scale is not None and scale.numel() > 1:
+        scale = scale.reshape(-1, *[1] * (w.ndim - 1))
+    return dequantise_fp8(w, scale, dtype)
+
+
+def dequantised_sources(sources: Mapping[str, TensorSource], dtype: torch.dtype = torch.float32
+                        ) -> tuple[dict[str, TensorSource], int]:
+    """(sources with every FP8 tensor, and every weight that has a ``<layer>.scale_weight``, replaced by its
+    effective value in ``dtype``, the scales dropped; how many were replaced). Each is computed when loaded,
+    so a converter still holds one tensor at a time."""
+    out: dict[str, TensorSource] = {}
+    count = 0
+    for key, s in sources.items():
+        if key.endswith(SCALE):
+            continue
+        scale = sources.get(key[: -len(".weight")] + SCALE) if key.endswith(".weight") else None
+        if s.dtype in FP8_DTYPES or scale is not None:
+            inputs = (s,) if scale is None else (s, scale)
+            out[key] = DerivedSource(inputs, lambda w, sc=None: _dequantise(w, sc, dtype), tuple(s.shape), dtype)
+            count += 1
+        else:
+            out[key] = s
+    return out, count
 
 
 def _same_granularity(scale: torch.Tensor, granularity: str) -> bool:
@@ -138,9 +164,9 @@ def convert_fp8(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
     t0 = time.perf_counter()
     files, readers, sources, cfg, label = fusion_sources(paths, streaming=True)
     try:
-        name = _variant(paths, files, variant)
+        name = output_variant(paths, files, variant)
         metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), FORMAT_KEY: FORMAT_FP8,
-                    GRANULARITY_KEY: granularity, SOURCE_KEY: _source_description(files)}
+                    GRANULARITY_KEY: granularity, SOURCE_KEY: describe_sources(files)}
         if name:
             metadata[VARIANT_METADATA_KEY] = name
         entries = _plan(sources, granularity, torch.bfloat16)
@@ -177,11 +203,7 @@ def convert(src, dst, *, to: str, granularity: str = DEFAULT_GRANULARITY, varian
     if to in GGUF_TARGETS:
         from .quant.gguf_write import convert_gguf
 
-        if not isinstance(src, (str, os.PathLike)):
-            raise ValueError(f"--to {to}: give one source file (a split video/audio pair converts to FP8 only)")
-        if variant is not None:
-            log.warning("--variant is recorded for FP8 files only; a GGUF file takes the variant from its source")
-        path = convert_gguf(src, dst, to.removeprefix("gguf-"))
+        path = convert_gguf(src, dst, to.removeprefix("gguf-"), variant=variant)
         return {"path": str(path), "bytes": Path(path).stat().st_size}
     raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
 

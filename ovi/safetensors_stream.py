@@ -13,6 +13,7 @@ resident set until the kernel reclaims them, so walking a 23 GB checkpoint throu
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ ST_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _ST_DTYPES = {v: k for k, v in ST_DTYPE_NAMES.items()}
+_OWN_MAPPING = 1 << 20  # bytes
 
 
 def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
@@ -156,7 +158,9 @@ class StreamingReader:
 
     def read(self, key: str) -> torch.Tensor:
         _, shape, dtype, start, end = self._info[key]
-        buf = bytearray(end - start)
+        # Large buffers are anonymous mappings of their own: freeing one hands the memory straight back to the
+        # system, where a heap block of malloc's may stay resident and add to the next tensor's peak.
+        buf = mmap.mmap(-1, end - start) if end - start >= _OWN_MAPPING else bytearray(end - start)
         self._f.seek(self._base + start)
         if self._f.readinto(buf) != len(buf):
             raise CheckpointError(self.path, f"truncated while reading {key!r}.")

@@ -10,6 +10,11 @@ more than 4 dims (the video patch embedding) are stored flattened to 2-D and the
 config and variant in ``ovi.config`` / ``ovi.variant``; umT5 files use llama.cpp's T5 names under
 architecture ``t5encoder``, like the published umt5-xxl-encoder GGUF files, so ComfyUI-GGUF reads them too.
 
+Fusion sources are opened as the FP8 converter opens them (``fusion.checkpoint.fusion_sources``): one file or
+a split video/audio pair in either order, bf16/fp32 or any FP8 layout the loader reads. FP8 weights are
+dequantised with their scales to float32 before quantising, so their FP8 rounding stays in the result; the
+scales and the ``scaled_fp8`` marker are not written.
+
 The header is written from the shapes alone, then each tensor is read, quantised and appended, so memory
 holds one tensor (plus its temporaries) at a time. The output appears under its name only when complete.
 """
@@ -21,14 +26,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..fusion.config import FusionConfig
-from ..loading import FP8_DTYPES, CheckpointError, CheckpointReader, TensorSource
+from ..loading import CheckpointError, CheckpointReader, TensorSource
 from ..log import log
+from .fp8_checkpoint import SOURCE_KEY
 from .gguf_dequant import PLAIN, Q, block_sizes
 from .gguf_load import FUSION_ARCH, ORIG_SHAPE_KEY, T5_ARCH, llama_t5_name
 from .gguf_quantize import QUANTIZERS, can_quantize, quantize
@@ -108,84 +113,126 @@ def _encode(src: torch.Tensor, p: TensorPlan, device) -> np.ndarray:
     return raw.cpu().numpy()
 
 
-def _fusion_sources(reader: CheckpointReader) -> tuple[dict[str, TensorSource], str | None, str | None]:
-    sources = reader.sources()
-    if not any(k.startswith("video_model.") for k in sources):
-        for k in sources:
-            i = k.find("video_model.")
-            if i > 0 and all(key.startswith(k[:i]) for key in sources):
-                sources = {key[i:]: s for key, s in sources.items()}
-                break
-    if not (any(k.startswith("video_model.") for k in sources) and any(k.startswith("audio_model.") for k in sources)):
-        return {}, None, None
-    if any(s.dtype in FP8_DTYPES for s in sources.values()):
-        raise CheckpointError(reader.path, "this fusion file holds FP8 weights; convert the bf16 model to GGUF "
-                                           "(quantising already-quantised weights again compounds the error).")
-    stray = [k for k in sources if not k.startswith(("video_model.", "audio_model."))]
-    if stray:
-        raise CheckpointError(reader.path, f"{len(stray)} tensors outside video_model./audio_model. (first: "
-                                           f"{', '.join(stray[:3])}): not a fusion model layout this converter knows.")
-    config = reader.metadata.get("ovi.config")
-    if not config:
-        config = json.dumps(FusionConfig.from_shapes({k: s.shape for k, s in sources.items()}).to_dict())
-    variant = reader.metadata.get("ovi.variant")
-    if variant is None:
+@dataclass
+class _Opened:
+    """One conversion's input: tensors under their GGUF names, string header fields, readers to close."""
+
+    arch: str
+    component: str
+    named: dict[str, TensorSource]
+    hiprec: tuple[str, ...]
+    fields: dict[str, str]
+    readers: list
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def _open_fusion(paths: list[Path], target: Q, variant: str | None) -> _Opened:
+    """A fusion model from one file or a split pair, in any layout the FP8 converter reads; FP8 weights come
+    back dequantised to float32 (their scales folded in)."""
+    from ..convert import (CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, dequantised_sources, describe_sources,
+                           output_variant)
+    from ..fusion.checkpoint import fusion_sources
+
+    files, readers, sources, cfg, label = fusion_sources(paths, streaming=True)
+    try:
+        fields = {CONFIG_METADATA_KEY: json.dumps(cfg.to_dict()), SOURCE_KEY: describe_sources(files)}
+        name = output_variant(paths, files, variant)
+        if name:
+            fields[VARIANT_METADATA_KEY] = name
+        fp8 = [f for f in files if f.fp8 is not None]
+        if fp8:
+            sources, count = dequantised_sources(sources)
+            layouts = "; ".join(f.fp8.summary() for f in fp8)
+            if target in PLAIN:
+                log.info("convert: %s holds FP8 weights (%s): %d tensors are stored dequantised as %s, a larger "
+                         "file than the FP8 source and no more precise", label, layouts, count, target.name)
+            else:
+                log.warning("convert: %s holds FP8 weights (%s): %d tensors are dequantised and quantised again to "
+                            "%s, so the GGUF file carries the FP8 rounding error on top of its own. Convert the "
+                            "bf16 model instead when you have it.", label, layouts, count, target.name)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return _Opened(FUSION_ARCH, "fusion", sources, _FUSION_HIPREC, fields, readers)
+
+
+def _open_umt5(path: Path) -> _Opened | None:
+    """The umT5 encoder in ``path`` under llama.cpp's T5 names; None when the file holds no umT5 keys."""
+    from ..text.checkpoint import detect_layout, umt5_sources
+
+    reader = CheckpointReader(path, entry="module")
+    try:
+        if detect_layout(reader.keys())[0] is None:
+            reader.close()
+            return None
+        _, t5 = umt5_sources(reader)
         try:
-            from ..detect import resolve_variant
+            named = {llama_t5_name(k): s for k, s in t5.items()}
+        except KeyError as e:
+            raise CheckpointError(path, f"unexpected umT5 tensor: {e}") from e
+    except BaseException:
+        reader.close()
+        raise
+    return _Opened(T5_ARCH, "umt5", named, _T5_HIPREC, {}, [reader])
 
-            variant = resolve_variant([reader.path]).variant.name
-        except (ValueError, KeyError, CheckpointError):
-            variant = None
-    return sources, config, variant
+
+def _open(paths: list[Path], target: Q, variant: str | None) -> _Opened:
+    try:
+        return _open_fusion(paths, target, variant)
+    except CheckpointError as e:
+        if len(paths) == 1:
+            opened = _open_umt5(paths[0])
+            if opened is not None:
+                if variant is not None:
+                    log.warning("convert: --variant applies to the fusion model; ignored for the umT5 encoder")
+                return opened
+        # the fusion reader's message says what the file is; add what this converter takes
+        raise CheckpointError(None, f"{e} (GGUF conversion takes an Ovi fusion model, as one file or a video + "
+                                    "audio pair, or a umT5 encoder.)") from e
 
 
-def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | Q, *,
-                 progress: Callable[[int, int, str], None] | None = None,
+def convert_gguf(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, qtype: str | Q, *,
+                 variant: str | None = None, progress: Callable[[int, int, str], None] | None = None,
                  device: torch.device | str | None = None) -> Path:
-    """Write ``src`` (a fusion model or a umT5 encoder, detected from its keys) as GGUF ``qtype`` to ``dst``.
+    """Write ``src`` as GGUF ``qtype`` to ``dst``: a fusion model (one file, or a video + audio pair in either
+    order; bf16/fp32 or any FP8 layout the loader reads) or a umT5 encoder, detected from the keys.
 
-    ``qtype``: q8_0, q6_k, q5_k, q4_k, f16, bf16 (or f32). ``progress(done, total, name)`` is called after each
-    tensor. ``device`` runs the K-quant search there (a GPU makes it much faster); default: CUDA when present.
+    ``qtype``: q8_0, q6_k, q5_k, q4_k, f16, bf16 (or f32). ``variant`` is recorded when neither the sources'
+    metadata nor their names tell it. ``progress(done, total, name)`` is called after each tensor. ``device``
+    runs the K-quant search there (a GPU makes it much faster); default: CUDA when present.
     """
     import gguf
 
     target = parse_qtype(qtype)
-    src, dst = Path(src), Path(dst)
+    paths = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(p) for p in src]
+    dst = Path(dst)
+    if not paths or len(paths) > 2:
+        raise ValueError(f"give one source file or a video + audio pair, got {len(paths)}")
+    if any(dst.resolve() == p.resolve() for p in paths):
+        raise ValueError("the destination must differ from the source")
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise CheckpointError(missing, "file not found. Check the path, or download the file "
+                                       "(python -m ovi download --variant ...).")
     if device is None and torch.cuda.is_available():
         device = "cuda"
-    with CheckpointReader(src, entry="module") as reader:
-        sources, config, variant = _fusion_sources(reader)
-        if sources:
-            arch, component = FUSION_ARCH, "fusion"
-            named = {k: (k, s) for k, s in sources.items()}
-            hiprec = _FUSION_HIPREC
-        else:
-            from ..text.checkpoint import umt5_sources
-
-            try:
-                _, t5 = umt5_sources(reader)
-            except CheckpointError as e:
-                raise CheckpointError(src, "neither an Ovi fusion model nor a umT5 encoder: only these two convert "
-                                           f"to GGUF. ({e})") from e
-            arch, component, hiprec = T5_ARCH, "umt5", _T5_HIPREC
-            try:
-                named = {k: (llama_t5_name(k), s) for k, s in t5.items()}
-            except KeyError as e:
-                raise CheckpointError(src, f"unexpected umT5 tensor: {e}") from e
-        plans = [(plan_tensor(name, s.shape, s.dtype, target, hiprec), s) for name, s in named.values()]
-
+    opened = _open(paths, target, variant)
+    try:
+        plans = [(plan_tensor(name, s.shape, s.dtype, target, opened.hiprec), s) for name, s in opened.named.items()]
         tmp = dst.with_name(dst.name + ".part")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), opened.arch)
         try:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_string("general.name", src.stem)
-            writer.add_string("ovi.component", component)
+            writer.add_string("general.name", paths[0].stem if len(paths) == 1 else dst.stem)
+            writer.add_string("ovi.component", opened.component)
             writer.add_string("ovi.quantization", target.name)
-            if config:
-                writer.add_string("ovi.config", config)
-            if variant:
-                writer.add_string("ovi.variant", variant)
+            for key, value in opened.fields.items():
+                writer.add_string(key, value)
             for p, _ in plans:
                 if p.stored != p.shape:
                     writer.add_array(ORIG_SHAPE_KEY + p.name, list(p.shape))
@@ -208,10 +255,12 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str | Q,
             tmp.unlink(missing_ok=True)
             raise
         writer.close()
+    finally:
+        opened.close()
     os.replace(tmp, dst)
     counts: dict[str, int] = {}
     for p, _ in plans:
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
-    log.info("GGUF %s written: %s (%s, %s), %.2f GB; tensor types %s", target.name, dst, component, arch,
-             dst.stat().st_size / 1e9, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    log.info("GGUF %s written: %s (%s, %s), %.2f GB; tensor types %s", target.name, dst, opened.component,
+             opened.arch, dst.stat().st_size / 1e9, ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     return dst
