@@ -38,7 +38,8 @@ class OviConvertModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "source": (_choices(), {"tooltip": "The file to convert: an Ovi fusion model from diffusion_models or "
-                                               "umT5 from text_encoders (umT5 converts to GGUF only)."}),
+                                               "umT5 from text_encoders (umT5 converts to GGUF only). Either half "
+                                               "of a video/audio split pack converts the whole model."}),
             "target": (list(TARGETS), {
                 "default": "fp8", "tooltip": "fp8: linear weights float8_e4m3fn with a per-tensor scale (ComfyUI "
                                              "scaled-fp8 layout). gguf-*: llama.cpp block quantization; "
@@ -50,7 +51,7 @@ class OviConvertModel:
 
     def convert(self, source, target, output_name):
         from ..ovi.convert import convert_fp8
-        from ..ovi.detect import inspect_file
+        from ..ovi.detect import inspect_file, split_pair
         from ..ovi.quant.gguf_write import convert_gguf
         from ..utils.progress import progress_bar
 
@@ -79,12 +80,14 @@ class OviConvertModel:
             raise ValueError("umT5 converts to GGUF only (Comfy-Org already ships umt5_xxl_fp8_e4m3fn_scaled); "
                              "choose a gguf-* target")
 
+        sources = split_pair(src) if info.is_fusion else [src]  # a split pack converts as one model
         bar = progress_bar(1)
         try:
             if target == "fp8":
-                convert_fp8(src, dst, progress=bar)
+                convert_fp8(sources, dst, progress=bar)
             else:
-                convert_gguf(src, dst, target.removeprefix("gguf-"), progress=lambda done, total, _: bar(done, total))
+                convert_gguf(sources if len(sources) > 1 else src, dst, target.removeprefix("gguf-"),
+                             progress=lambda done, total, _: bar(done, total))
         except BaseException:
             dst.unlink(missing_ok=True)  # a half-written file must not show up in the loader's list
             raise

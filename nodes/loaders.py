@@ -112,7 +112,8 @@ class OviEngineLoader:
             "model": (_fusion_files(), {
                 "tooltip": "The Ovi fusion model: model.safetensors (720x720_5s), model_960x960.safetensors "
                            "(960x960_5s) or model_960x960_10s.safetensors (960x960_10s); FP8 files (official, "
-                           "Kijai's _scaled_KJ, ComfyUI scaled_fp8) and .gguf files load too."}),
+                           "Kijai's _scaled_KJ, ComfyUI scaled_fp8) and .gguf files load too. For a pack split into video and "
+                           "audio files, pick either: the other is read from beside it."}),
             "components": ("OVI_COMPONENTS",),
             "variant": (["auto", *VARIANTS], {
                 "default": "auto",
@@ -134,6 +135,7 @@ class OviEngineLoader:
     def load(self, model, components, variant, precision, memory_mode, block_swap_layers, attention):
         import comfy.model_management as mm
 
+        from ..ovi.detect import split_pair
         from ..ovi.engine import EngineOptions, OviEngine
         from ..utils.model_management import OviModelPatcher
 
@@ -143,6 +145,7 @@ class OviEngineLoader:
             variant=None if variant == "auto" else variant, device=mm.get_torch_device(),
             dtype=None if precision == "auto" else precision, memory_mode=memory_mode,
             block_swap=int(block_swap_layers) if memory_mode == "block_swap" else 0, attention=attention)
-        engine = OviEngine(path, components["text_encoder"], None, components["video_vae"], components["audio_vae"],
-                           components["vocoder"], options=options)
+        fusion = split_pair(path)  # a split pack's other half comes from beside the chosen one
+        engine = OviEngine(fusion if len(fusion) > 1 else path, components["text_encoder"], None,
+                           components["video_vae"], components["audio_vae"], components["vocoder"], options=options)
         return (OviModelPatcher(engine, f"Ovi {engine.variant.name} ({Path(model).name})"),)

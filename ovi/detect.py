@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,10 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
     wrap = " inside a wrapper prefix" if prefixed else ""
     if any(k.startswith("video_model.") for k in keyset) and any(k.startswith("audio_model.") for k in keyset):
         return "fusion", "single file, both branches (official layout)" + wrap
+    for branch in ("video", "audio"):  # one branch under its official prefix: a split half (Kijai's audio file)
+        if f"{branch}_model.blocks.0.cross_attn.k_fusion.weight" in keyset and all(
+                k.startswith(f"{branch}_model.") for k in keyset):
+            return f"fusion_{branch}", f"split checkpoint, {branch} branch ({branch}_model. keys)" + wrap
     if "blocks.0.cross_attn.k_fusion.weight" in keyset and any(k.startswith("audio_model.") for k in keyset):
         return "fusion", "single file, video keys unprefixed + audio_model. keys (ComfyUI-WanVideoWrapper layout)"
     if "blocks.0.cross_attn.k_fusion.weight" in keyset:
@@ -276,6 +281,29 @@ def _read_meta(path: Path) -> dict[str, str]:
         return dict(header.get("__metadata__") or {})
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
+
+
+def split_pair(path: str | os.PathLike) -> list[Path]:
+    """``path`` plus, when it is one branch of a split fusion checkpoint, the other branch beside it, in
+    (video, audio) order. Split packs name their halves alike but for the word video / audio (e.g. Kijai's
+    ``Wan2_2_Ovi_Video_fp8_e4m3fn_scaled_KJ`` / ``..._Audio_...``), so that word is swapped, keeping its case.
+    Raises ``CheckpointError`` for a branch whose partner is not there. Other files come back alone."""
+    p = Path(path)
+    info = inspect_file(p)
+    if info.component not in ("fusion_video", "fusion_audio"):
+        return [p]
+    mine, other = ("video", "audio") if info.component == "fusion_video" else ("audio", "video")
+    tried = []
+    for m in re.finditer(mine, p.name, re.IGNORECASE):
+        word = m.group(0)
+        swap = other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+        candidate = p.with_name(p.name[:m.start()] + swap + p.name[m.end():])
+        tried.append(candidate.name)
+        if candidate.is_file() and inspect_file(candidate).component == f"fusion_{other}":
+            return [p, candidate] if mine == "video" else [candidate, p]
+    raise CheckpointError(p, f"this is {DESCRIPTIONS[info.component]}; its {other} branch must sit beside it"
+                             + (f" as {' or '.join(tried)}" if tried else " (a file named like it with "
+                                f"'{other}' for '{mine}')") + ". Both halves load together.")
 
 
 def resolve_variant(paths: Iterable[str | os.PathLike], explicit: str | None = None, *,

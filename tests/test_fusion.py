@@ -257,6 +257,26 @@ def test_error_split_half_alone(tiny_sd, tmp_path):
         load_fusion_model(prefixed["audio"])
 
 
+def test_split_pair_finds_the_other_half_beside_either(tiny_sd, tmp_path):
+    from ovi.detect import split_pair
+
+    paths = _split(tiny_sd, tmp_path)
+    for half in ("video", "audio"):
+        assert split_pair(paths[half]) == [paths["video"], paths["audio"]]
+    full = tmp_path / "model.safetensors"
+    save_file(tiny_sd, str(full))
+    assert split_pair(full) == [full]
+    # the word's case is kept (Kijai's names are capitalised), and the partner must really be the other branch
+    video = paths["video"].rename(tmp_path / "Pack_Video_KJ.safetensors")
+    paths["audio"].rename(tmp_path / "Pack_Audio_KJ.safetensors")
+    assert split_pair(video) == [video, tmp_path / "Pack_Audio_KJ.safetensors"]
+    (tmp_path / "Pack_Audio_KJ.safetensors").unlink()
+    (tmp_path / "Pack_Audio_KJ.safetensors").symlink_to(video)  # a second copy of the video branch is no partner
+    with pytest.raises(CheckpointError, match="audio branch must sit beside it as Pack_Audio_KJ.safetensors") as e:
+        split_pair(video)
+    assert e.value.path == str(video)
+
+
 def test_error_split_missing_key_names_the_right_file(tiny_sd, tmp_path):
     paths = _split(tiny_sd, tmp_path)
     half = load_file(str(paths["audio"]))

@@ -247,6 +247,33 @@ def write_fp8_fusion(src: Path, dst: Path) -> Path:
     return dst
 
 
+def write_kj_split(src: Path, folder: Path) -> tuple[Path, Path]:
+    """The tiny fusion model as Kijai's Ovi 1.0 FP8 pack: a video file (keys without ``video_model.``) and an
+    audio file (``audio_model.`` keys), matrices float8_e4m3fn with a float32 ``scale_weight`` each, no header
+    metadata (the variant comes from the known names)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    halves: dict[str, dict] = {"video": {}, "audio": {}}
+    for k, t in tensors.items():
+        branch = "video" if k.startswith("video_model.") else "audio"
+        name = k.removeprefix("video_model.")
+        if t.dim() == 2 and t.is_floating_point() and k.endswith(".weight"):
+            scale = (t.float().abs().amax() / 448).clamp(min=1e-12)
+            halves[branch][name] = (t.float() / scale).to(torch.float8_e4m3fn)
+            halves[branch][name[:-len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            halves[branch][name] = t
+    paths = (folder / "Wan2_2_Ovi_Video_fp8_e4m3fn_scaled_KJ.safetensors",
+             folder / "Wan2_2_Ovi_Audio_fp8_e4m3fn_scaled_KJ.safetensors")
+    for path, half in zip(paths, halves.values()):
+        save_file({k: v.contiguous() for k, v in half.items()}, str(path))
+    return paths
+
+
 def write_gguf(dst: Path, names: tuple[str, ...]) -> Path:
     """A small valid GGUF file holding tensors with the given names (only the container matters here)."""
     import gguf

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from .harness import PromptResult, combo_options
 from .nodes_helpers import (API_WORKFLOWS, NODES, Progress, check_clip, error_text, graph, load_workflow,
-                            output_videos, png, tiny_api, variant_of, wait_log, write_fp8_fusion, write_gguf)
+                            output_videos, png, tiny_api, variant_of, wait_log, write_fp8_fusion, write_gguf,
+                            write_kj_split)
 
 # -- the node interface ------------------------------------------------------------------------------------
 def test_object_info_lists_every_node_from_this_pack(comfy_server, comfy_models):
@@ -247,6 +248,38 @@ def test_convert_node_writes_a_file_the_loader_lists_and_runs(source, target, ou
         assert again.status == "error" and "already exists" in error_text(again), again.summary()
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_split_fp8_pack_loads_and_converts_from_either_half(comfy_server, comfy_models, tiny_checkpoints):
+    """Kijai's split FP8 pack (video and audio files): the loader takes either file and reads its partner from
+    beside it, the convert node turns either into one GGUF model, and a lone half is refused by name."""
+    from ovi.detect import inspect_file
+
+    folder = comfy_server.models_dir / "diffusion_models"
+    video, audio = write_kj_split(tiny_checkpoints / "Ovi" / "model.safetensors", folder)
+    converted = folder / "ovi_split_q8.gguf"
+    try:
+        loaders = comfy_server.object_info()["OviEngineLoader"]
+        assert {video.name, audio.name} <= set(combo_options(loaders, "model"))
+        latents = []
+        for half in (video, audio):
+            result = comfy_server.run_prompt(graph(f"split_{half.stem}", model=half.name, decode=False,
+                                                   sampler={"seed": 43}), timeout=240)
+            assert result.ok, result.summary()
+            latents.append(result.outputs["5"]["latents"])
+        result = comfy_server.run_prompt({"1": {"class_type": "OviConvertModel", "inputs": {
+            "source": f"diffusion_models/{audio.name}", "target": "gguf-q8_0", "output_name": converted.name}}},
+            timeout=240)
+        assert result.ok, result.summary()
+        info = inspect_file(converted)
+        assert (info.component, info.variant, info.quantization) == ("fusion", "720x720_5s", "Q8_0"), info
+        video.unlink()
+        result = comfy_server.run_prompt(graph("split_lonely", model=audio.name, decode=False), timeout=120)
+        assert result.status == "error", result.summary()
+        assert "video branch must sit beside it" in error_text(result) and video.name in error_text(result)
+    finally:
+        for p in (video, audio, converted):
+            p.unlink(missing_ok=True)
 
 
 def test_interrupt_stops_within_a_step(comfy_server, comfy_models):
