@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -30,6 +29,7 @@ from ..fusion.config import FusionConfig
 from ..fusion.model import FusionModel
 from ..loading import GGUF_MAGIC, CheckpointError, TensorSource, check_keys, meta_device
 from ..log import log
+from ..text.names import LLAMA_CPP
 from ..text.umt5 import UMT5Config, UMT5Encoder
 from .gguf_dequant import PLAIN, READABLE, Q, dequantize
 
@@ -39,36 +39,9 @@ T5_ARCH = "t5encoder"
 _T5_ARCHS = ("t5encoder", "t5", "umt5")
 _FUSION_ARCHS = ("ovi", "wan")  # "wan": files made with generic Wan tooling that kept Ovi's keys
 
-# llama.cpp T5 encoder names (the published umt5-xxl-encoder GGUF files) <-> our official umT5 keys
-T5_BLOCK_NAMES = {
-    "attn_norm": "norm1", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_o": "attn.o",
-    "attn_rel_b": "pos_embedding.embedding", "ffn_norm": "norm2", "ffn_gate": "ffn.gate.0", "ffn_up": "ffn.fc1",
-    "ffn_down": "ffn.fc2",
-}
-T5_TOP_NAMES = {"token_embd": "token_embedding", "enc.output_norm": "norm"}
-_T5_BLOCK_INV = {v: k for k, v in T5_BLOCK_NAMES.items()}
-_T5_TOP_INV = {v: k for k, v in T5_TOP_NAMES.items()}
-
-
-def llama_t5_name(official: str) -> str:
-    """``blocks.3.attn.q.weight`` -> ``enc.blk.3.attn_q.weight`` (and the top-level tensors)."""
-    module, _, param = official.rpartition(".")
-    if module in _T5_TOP_INV:
-        return f"{_T5_TOP_INV[module]}.{param}"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
-    if m and m.group(2) in _T5_BLOCK_INV:
-        return f"enc.blk.{m.group(1)}.{_T5_BLOCK_INV[m.group(2)]}.{param}"
-    raise KeyError(f"not a umT5 encoder key: {official!r}")
-
-
-def official_t5_name(llama: str) -> str:
-    module, _, param = llama.rpartition(".")
-    if module in T5_TOP_NAMES:
-        return f"{T5_TOP_NAMES[module]}.{param}"
-    m = re.fullmatch(r"enc\.blk\.(\d+)\.(.+)", module)
-    if m and m.group(2) in T5_BLOCK_NAMES:
-        return f"blocks.{m.group(1)}.{T5_BLOCK_NAMES[m.group(2)]}.{param}"
-    raise KeyError(f"not a llama.cpp T5 encoder name: {llama!r}")
+# our official umT5 keys <-> llama.cpp's T5 encoder names (the published umt5-xxl-encoder GGUF files)
+llama_t5_name = LLAMA_CPP.from_official
+official_t5_name = LLAMA_CPP.to_official
 
 
 # -- quantised modules -----------------------------------------------------------------------------------

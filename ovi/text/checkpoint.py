@@ -14,7 +14,6 @@ The layout is recognised from the keys, never from the file name. Renames and fp
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -24,25 +23,9 @@ import torch
 from ..loading import (is_gguf, meta_device, FP8_DTYPES, CheckpointError, CheckpointReader, DerivedSource, TensorSource, check_keys,
                        load_into_module)
 from ..log import log
+from .names import COMFY
 from .tokenizer import UMT5Tokenizer
 from .umt5 import UMT5_XXL, UMT5Config, UMT5Encoder
-
-# official module path inside a block -> ComfyUI module path inside ``encoder.block.i.``
-_BLOCK_RENAME = {
-    "norm1": "layer.0.layer_norm",
-    "attn.q": "layer.0.SelfAttention.q",
-    "attn.k": "layer.0.SelfAttention.k",
-    "attn.v": "layer.0.SelfAttention.v",
-    "attn.o": "layer.0.SelfAttention.o",
-    "pos_embedding.embedding": "layer.0.SelfAttention.relative_attention_bias",
-    "norm2": "layer.1.layer_norm",
-    "ffn.gate.0": "layer.1.DenseReluDense.wi_0",  # the GELU branch
-    "ffn.fc1": "layer.1.DenseReluDense.wi_1",  # the linear multiplier
-    "ffn.fc2": "layer.1.DenseReluDense.wo",
-}
-_TOP_RENAME = {"token_embedding": "shared", "norm": "encoder.final_layer_norm"}
-_BLOCK_RENAME_INV = {v: k for k, v in _BLOCK_RENAME.items()}
-_TOP_RENAME_INV = {v: k for k, v in _TOP_RENAME.items()}
 
 # ComfyUI-file tensors that are not encoder weights: the tokenizer, the fp8 marker, transformers' tied copy
 # of the embedding, and input scales (unused for text encoders)
@@ -51,31 +34,9 @@ _OFFICIAL_ANCHOR = "token_embedding.weight"
 _COMFY_ANCHOR = "encoder.final_layer_norm.weight"
 
 
-def _split_param(key: str) -> tuple[str, str]:
-    module, _, param = key.rpartition(".")
-    return module, param
-
-
-def comfy_key(official: str) -> str:
-    """Official key (``blocks.3.attn.q.weight``) -> ComfyUI key (``encoder.block.3.layer.0.SelfAttention.q.weight``)."""
-    module, param = _split_param(official)
-    if module in _TOP_RENAME:
-        return f"{_TOP_RENAME[module]}.{param}"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
-    if m and m.group(2) in _BLOCK_RENAME:
-        return f"encoder.block.{m.group(1)}.{_BLOCK_RENAME[m.group(2)]}.{param}"
-    raise KeyError(f"not a umT5 encoder key: {official!r}")
-
-
-def official_key(comfy: str) -> str:
-    """ComfyUI key -> official key (the inverse of ``comfy_key``)."""
-    module, param = _split_param(comfy)
-    if module in _TOP_RENAME_INV:
-        return f"{_TOP_RENAME_INV[module]}.{param}"
-    m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", module)
-    if m and m.group(2) in _BLOCK_RENAME_INV:
-        return f"blocks.{m.group(1)}.{_BLOCK_RENAME_INV[m.group(2)]}.{param}"
-    raise KeyError(f"not a ComfyUI umT5 key: {comfy!r}")
+# official key (``blocks.3.attn.q.weight``) <-> ComfyUI key (``encoder.block.3.layer.0.SelfAttention.q.weight``)
+comfy_key = COMFY.from_official
+official_key = COMFY.to_official
 
 
 def detect_layout(keys) -> tuple[str | None, str]:
