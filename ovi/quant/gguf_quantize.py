@@ -19,7 +19,11 @@ from gguf import GGMLQuantizationType as Q
 from .gguf_dequant import QK_K, block_sizes
 
 QUANTIZERS = (Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q4_K)
-_CHUNK = 1 << 22  # values per pass: bounds the temporaries of the candidate search
+# Values per pass, bounding the temporaries of the candidate search. On the CPU they should stay in cache and
+# under malloc's mmap threshold, so each op reuses warm memory instead of faulting in fresh pages (2^18 measured
+# 1.5-1.9x faster than 2^22 on 2 cores, identical bytes); a GPU wants few, large launches.
+_CPU_CHUNK = 1 << 18
+_DEVICE_CHUNK = 1 << 22
 # Candidate scales tried per sub-block, as offsets from the round-to-nearest level count; more candidates
 # lower the error a little further and cost time linearly.
 _AFFINE_DELTAS = (-0.8, -0.5, -0.3, -0.1, 0.1, 0.3, 0.5, 0.8)
@@ -60,11 +64,12 @@ def _affine_search(x: torch.Tensor, nmax: int, search: bool) -> tuple[torch.Tens
     n = x.shape[1]
     sx = x.sum(dim=1)
     best_s, best_b = base.clone(), lo.clone()
-    best_err = ((torch.clamp(torch.round((x - lo[:, None]) / base[:, None]), 0, nmax) * base[:, None] + lo[:, None]
-                 - x) ** 2).sum(dim=1)
+    xl = x - lo[:, None]
+    best_err = torch.square(torch.clamp(torch.round(xl / base[:, None]), 0, nmax) * base[:, None] + lo[:, None]
+                            - x).sum(dim=1)
     for delta in _AFFINE_DELTAS:
         inv = (nmax + delta) / torch.where(rng > 0, rng, torch.ones_like(rng))
-        q = torch.clamp(torch.round((x - lo[:, None]) * inv[:, None]), 0, nmax)
+        q = torch.clamp(torch.round(xl * inv[:, None]), 0, nmax)
         for _ in range(2):  # refit (scale, offset) to q, re-round with the refit, refit again
             sq, sqq, sqx = q.sum(dim=1), (q * q).sum(dim=1), (q * x).sum(dim=1)
             det = n * sqq - sq * sq
@@ -77,7 +82,7 @@ def _affine_search(x: torch.Tensor, nmax: int, search: bool) -> tuple[torch.Tens
             b = torch.where(pos, torch.zeros_like(b), b)
             s = torch.where(s > 0, s, base)
             q = torch.clamp(torch.round((x - b[:, None]) / s[:, None]), 0, nmax)
-        err = ((q * s[:, None] + b[:, None] - x) ** 2).sum(dim=1)
+        err = torch.square(q * s[:, None] + b[:, None] - x).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
@@ -97,12 +102,12 @@ def _symmetric_search(x: torch.Tensor, qmin: int, qmax: int, search: bool) -> to
     xm = torch.where(nz, x.gather(1, idx)[:, 0], torch.ones_like(amax))  # the signed extreme value
     best_s = base.clone()
     q0 = torch.clamp(torch.round(x / base[:, None]), qmin, qmax)
-    best_err = ((q0 * base[:, None] - x) ** 2).sum(dim=1)
+    best_err = torch.square(q0 * base[:, None] - x).sum(dim=1)
     for t in [qmin + v for v in _SYMMETRIC_STEPS] + [qmax - v for v in _SYMMETRIC_STEPS]:
         q = torch.clamp(torch.round(x * (t / xm)[:, None]), qmin, qmax)
         sqq = (q * q).sum(dim=1)
         s = torch.where(sqq > 0, (q * x).sum(dim=1) / sqq.clamp(min=1), base)
-        err = ((q * s[:, None] - x) ** 2).sum(dim=1)
+        err = torch.square(q * s[:, None] - x).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
@@ -207,7 +212,7 @@ def quantize(x: torch.Tensor, qtype: Q | int, *, search: bool = True) -> torch.T
         raise ValueError(f"cannot quantise a tensor of shape {list(x.shape)} to {qtype.name}: the last dim must "
                          f"be a multiple of {block}")
     flat = x.reshape(-1, block)
-    step = max(1, _CHUNK // block)
+    step = max(1, (_CPU_CHUNK if x.device.type == "cpu" else _DEVICE_CHUNK) // block)
     out = torch.cat([_blocks(flat[i:i + step], qtype, search) for i in range(0, flat.shape[0], step)])
     return out.reshape(*x.shape[:-1], x.shape[-1] // block * type_size).cpu()
 
