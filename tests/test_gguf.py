@@ -99,6 +99,16 @@ def test_dequant_chunks_outputs_and_offsets(qtype):
     assert torch.equal(dequantize(odd[1:], qtype, (24, 1024)), ref)
 
 
+def test_interleave_units_agree():
+    """The CPU stacks 16-byte units, other devices 8-byte ones: both give the same bytes in value order."""
+    from ovi.quant.gguf_dequant import _interleave
+
+    planes = torch.randint(0, 256, (4, 5, 2, 32), dtype=torch.uint8)
+    want = planes.permute(1, 2, 0, 3).contiguous()
+    for unit in (torch.complex128, torch.int64):
+        assert torch.equal(_interleave(planes, 2, unit), want)
+
+
 def test_dequant_rejects_mismatched_sizes():
     raw = torch.from_numpy(_blocks_for(Q.Q4_K, 4, seed=3))
     with pytest.raises(ValueError, match="blocks hold"):

@@ -70,14 +70,14 @@ def _planes(region: torch.Tensor, count: int, width: int, at: int = 0) -> torch.
     return out.view(torch.uint8).view(count, n, k)
 
 
-def _interleave(planes: torch.Tensor, dim: int) -> torch.Tensor:
+def _interleave(planes: torch.Tensor, dim: int, unit: torch.dtype | None = None) -> torch.Tensor:
     """[count, n, ..., k] uint8 planes (k a multiple of 16) -> a new contiguous tensor with the plane axis
     moved to ``dim``.
 
     A permuting ``copy_`` of short rows is slow on the CPU; ``stack`` of 16-byte units (bytes seen as
     complex128, only ever copied whole, never computed on) runs at memcpy speed. Other devices (some lack
     complex128) stack 8-byte units."""
-    unit = torch.complex128 if planes.device.type == "cpu" else torch.int64
+    unit = unit or (torch.complex128 if planes.device.type == "cpu" else torch.int64)
     return torch.stack(planes.view(unit).unbind(0), dim=dim).view(torch.uint8)
 
 
