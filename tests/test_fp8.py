@@ -1,5 +1,6 @@
 """FP8: quantisation, FP8Linear (upcast and the _scaled_mm plumbing), the converter, every FP8 layout the
-fusion loader reads, ``ovi info``, block swap and errors. CPU only: ``_scaled_mm`` is faked."""
+fusion loader reads, ``ovi info``, block swap and errors. CPU only: ``_scaled_mm`` runs on torch's CPU kernel, and a
+fake stands in where a GPU kernel's behaviour (refusing rowwise scales) is needed."""
 
 from __future__ import annotations
 
@@ -170,6 +171,39 @@ def test_scaled_mm_rowwise_refused_falls_back_to_output_scaling(monkeypatch):
     assert _rel(y, up) < 1e-2 and calls[-1][2] is False
     scaled_mm_linear(x, m.weight, m.scale_weight, m.bias)
     assert all(not c[2] for c in calls)  # the refusal is remembered
+
+
+def _cpu_scaled_mm_runs() -> bool:
+    try:
+        one = torch.ones((), dtype=torch.float32)
+        torch._scaled_mm(torch.zeros(16, 16, dtype=E4M3), torch.zeros(16, 16, dtype=E4M3).t(), scale_a=one,
+                         scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm_runs(), reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("gran", ["tensor", "channel"])
+def test_scaled_mm_linear_on_torch_cpu_kernel(gran, monkeypatch):
+    """The real torch._scaled_mm (its CPU kernel computes what the FP8 tensor cores compute): odd K and N padded,
+    per-channel scales, bias; the result is the FP8 activations times the FP8 weights, accumulated in float32."""
+    monkeypatch.setattr(fp8mod, "_rowwise_ok", {})
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(1000, 300)
+    m = FP8Linear.from_linear(lin, gran)
+    x = torch.randn(3, 77, 1000).bfloat16()
+    y = scaled_mm_linear(x, m.weight, m.scale_weight, m.bias)
+    assert y.shape == (3, 77, 300) and y.dtype == torch.bfloat16
+    x_scale = x.float().abs().amax() / 448
+    xq = (x.float() / x_scale).to(E4M3).float() * x_scale  # the activations as the kernel sees them
+    want = F.linear(xq, dequantise_fp8(m.weight, m.scale_weight), m.bias)
+    assert _rel(y, want) < 5e-3  # bf16 output rounding and summation order only
+    # against the upcast path, the difference is the activation quantisation (e4m3: 3 mantissa bits)
+    up = F.linear(x.float(), dequantise_fp8(m.weight, m.scale_weight), m.bias)
+    assert 5e-3 < _rel(y, up) < 6e-2
+    m.mode = "scaled_mm"
+    assert torch.equal(m(x), y)
 
 
 def test_compute_mode_selection(monkeypatch):
