@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,12 +47,13 @@ from .attention import make_attention
 from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, resolve_variant
 from .loading import CheckpointError
 from .log import log
+from .models_dir import COMPONENT_WORDS, MissingComponentError, locate_components
 from .sampling.loop import Interrupted, sample
 from .sampling.schedules import make_schedule
 from .residency import ComponentSlot, module_tensors
 from .sizes import resolve_frame_size  # noqa: F401  (part of the engine API)
 from .text.checkpoint import find_tokenizer_source
-from .variants import KNOWN_FILES, VARIANTS, Variant, get_variant
+from .variants import Variant, get_variant
 
 MEMORY_MODES = ("auto", "all_gpu", "offload", "block_swap")
 DEFAULT_SEED = 100  # the official generate() default
@@ -70,10 +70,6 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[str(value).strip().lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {value!r}; use bf16, fp16 or fp32") from None
-
-
-class MissingComponentError(FileNotFoundError):
-    """A component file the engine needs is not where it was looked for."""
 
 
 class DecodeInterrupted(Interrupted):
@@ -153,89 +149,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 # -- the engine ------------------------------------------------------------------------------------------
-_DIR_LAYOUT = {
-    "text_encoder": ("Wan2.2-TI2V-5B/models_t5_umt5-xxl-enc-bf16.pth", "text_encoders/umt5_xxl_fp16.safetensors",
-                     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
-    "tokenizer": ("Wan2.2-TI2V-5B/google/umt5-xxl",),
-    "video_vae": ("Wan2.2-TI2V-5B/Wan2.2_VAE.pth", "vae/wan2.2_vae.safetensors"),
-    "audio_vae": ("MMAudio/ext_weights/v1-16.pth",),
-    "vocoder": ("MMAudio/ext_weights/best_netG.pt",),
-}
-_COMPONENT_WORDS = {"fusion": "fusion model", "text_encoder": "umT5 text encoder",
-                    "tokenizer": "umT5 tokenizer", "video_vae": "Wan2.2 video VAE", "audio_vae": "MMAudio VAE",
-                    "vocoder": "BigVGAN vocoder"}
-_FUSION_KINDS = ("bf16", "FP8", "GGUF")  # from_dir's preference: the unquantised weights first
-
-
-@dataclass(frozen=True)
-class _FusionCandidate:
-    paths: tuple[Path, ...]  # one file, or the video + audio halves of a split pack
-    variant: str
-    rank: int                # index into _FUSION_KINDS
-
-    @property
-    def label(self) -> str:
-        return " + ".join(p.name for p in self.paths)
-
-
-def _fusion_candidates(folder: Path, variant: str | None) -> list[_FusionCandidate]:
-    """Every known fusion file (or split pair) of ``variant`` (None: all) under ``folder``, present or not, in
-    preference order: bf16, FP8, GGUF, and within one kind the order of ``KNOWN_FILES``."""
-    files = [f for f in KNOWN_FILES if variant is None or f.variant == variant]
-    out: list[_FusionCandidate] = []
-    halves: dict[tuple, dict[str, Path]] = {}
-    for f in files:
-        rank = 2 if f.name.lower().endswith(".gguf") else 1 if f.fp8 else 0
-        if f.part == "full":
-            out.append(_FusionCandidate((folder / f.name,), f.variant, rank))
-            continue
-        # The two halves of a pack differ only in the word video/audio (either case), so that word masked out
-        # names the pair.
-        stem = re.sub(f"(?i){f.part}", "*", f.name, count=1)
-        pair = halves.setdefault((stem, f.variant, rank), {})
-        pair[f.part] = folder / f.name
-        if len(pair) == 2:
-            out.append(_FusionCandidate((pair["video"], pair["audio"]), f.variant, rank))
-    return sorted(out, key=lambda c: c.rank)  # stable: KNOWN_FILES order within a kind
-
-
-def _find_fusion(root: Path, variant: str | None) -> tuple[tuple[Path, ...] | None, list[Path]]:
-    """(the fusion file(s) for ``variant`` under root/Ovi, every path looked at).
-
-    bf16 is preferred, then FP8, then GGUF; a split pack counts only when both halves are there. Files of
-    several variants with none chosen is an error; several files of one variant is not (the preferred one is
-    used and the others are named in the log)."""
-    folder = root / "Ovi"
-    want = get_variant(variant).name if variant is not None else None
-    candidates = _fusion_candidates(folder, want)
-    tried = list(dict.fromkeys(p for c in candidates for p in c.paths))
-    present = [c for c in candidates if all(p.is_file() for p in c.paths)]
-    if not present:
-        return None, tried
-    variants = list(dict.fromkeys(c.variant for c in present))
-    if len(variants) > 1:
-        raise ValueError(f"{folder} holds several Ovi models (" +
-                         "; ".join(f"{v}: {', '.join(c.label for c in present if c.variant == v)}" for v in variants) +
-                         f"); choose one with variant= (or --variant): {', '.join(VARIANTS)}; or give the file with "
-                         "fusion= (--fusion)")
-    chosen, others = present[0], present[1:]
-    why = "" if chosen.rank == 0 else (f"; no {' or '.join(_FUSION_KINDS[:chosen.rank])} file for "
-                                        f"{chosen.variant} there")
-    log.info("fusion model: %s (%s%s)%s", ", ".join(str(p) for p in chosen.paths), _FUSION_KINDS[chosen.rank], why,
-             f"; also present, not used: {', '.join(c.label for c in others)}" if others else "")
-    return chosen.paths, tried
-
-
-def _given_fusion(fusion) -> tuple[list[Path], list[str]]:
-    """(the paths of an explicit ``fusion=`` argument, what is wrong with them)."""
-    paths = [Path(fusion)] if isinstance(fusion, (str, os.PathLike)) else [Path(p) for p in fusion]
-    if not 1 <= len(paths) <= 2:
-        raise ValueError(f"fusion= takes one file or a video + audio pair, got {len(paths)} paths")
-    problems = [f"{_COMPONENT_WORDS['fusion']}: {p} (given) " + ("is not a file" if p.exists() else "does not exist")
-                for p in paths if not p.is_file()]
-    return paths, problems
-
-
 def _cast_and_stored(infos: Sequence[FileInfo]) -> tuple[int, torch.dtype | None, int]:
     """ComponentSlot sizes of a component's files: (values cast to the compute dtype at load, host dtype (None:
     the compute dtype), bytes kept in their stored FP8 / GGUF format)."""
@@ -254,11 +167,11 @@ class OviEngine:
         fusion_paths = [Path(fusion)] if isinstance(fusion, (str, os.PathLike)) else [Path(p) for p in fusion]
         given = {"fusion": fusion_paths, "text_encoder": [text_encoder], "video_vae": [video_vae],
                  "audio_vae": [audio_vae], "vocoder": [vocoder]}
-        missing = [f"{_COMPONENT_WORDS[k]}: " + (", ".join(str(p) for p in ps if p is not None) + " does not exist"
+        missing = [f"{COMPONENT_WORDS[k]}: " + (", ".join(str(p) for p in ps if p is not None) + " does not exist"
                                                  if any(p is not None for p in ps) else "no path given")
                    for k, ps in given.items() if not ps or any(p is None or not Path(p).exists() for p in ps)]
         if tokenizer is not None and not Path(tokenizer).exists():
-            missing.append(f"{_COMPONENT_WORDS['tokenizer']}: {tokenizer} does not exist")
+            missing.append(f"{COMPONENT_WORDS['tokenizer']}: {tokenizer} does not exist")
         if missing:
             raise MissingComponentError("missing Ovi components:\n  " + "\n  ".join(missing))
         self.paths = {"fusion": fusion_paths, "text_encoder": Path(text_encoder),
@@ -314,32 +227,8 @@ class OviEngine:
         GGUF one (``KNOWN_FILES``; the log names the file chosen). ``fusion`` (a bf16, FP8 or GGUF file, or a
         split video + audio pair) is used instead of that lookup; its variant comes from its header metadata or
         name, as for ``OviEngine(...)``."""
-        root = Path(models_dir)
         opts = _make_options(options)
-        found, missing = {}, []
-        if fusion is not None:
-            found["fusion"], missing = _given_fusion(fusion)
-        bad_given = len(missing)
-        if not root.is_dir():
-            raise MissingComponentError("".join(f"{m}\n" for m in missing) + (
-                f"models folder {root} does not exist. Download the files with `python -m ovi download --variant "
-                f"{opts.variant or '960x960_10s'} --dest {root}`."))
-        if fusion is None:
-            found["fusion"], tried = _find_fusion(root, opts.variant)
-            if found["fusion"] is None:
-                missing.append(f"{_COMPONENT_WORDS['fusion']} (bf16, FP8 or GGUF): looked for "
-                               f"{', '.join(str(p) for p in tried)}; or give the file with fusion= (--fusion)")
-        for key, rels in _DIR_LAYOUT.items():
-            hit = next((root / r for r in rels if (root / r).exists()), None)
-            if hit is None and key != "tokenizer":  # the tokenizer may ride inside a ComfyUI text-encoder file
-                missing.append(f"{_COMPONENT_WORDS[key]}: looked for {', '.join(str(root / r) for r in rels)}")
-            found[key] = hit
-        if missing:
-            # A given fusion file that is absent is a wrong path, which no download fixes.
-            raise MissingComponentError(
-                f"missing Ovi components under {root}:\n  " + "\n  ".join(missing) + ("" if len(missing) == bad_given
-                else f"\nDownload them with `python -m ovi download --variant {opts.variant or '<variant>'} "
-                     f"--dest {root}`."))
+        found = locate_components(Path(models_dir), opts.variant, fusion)
         fusion_paths = found["fusion"]
         return cls(fusion_paths[0] if len(fusion_paths) == 1 else fusion_paths, found["text_encoder"],
                    found["tokenizer"], found["video_vae"], found["audio_vae"], found["vocoder"], options=opts)

@@ -611,7 +611,7 @@ def test_ovi_folder_falls_back_to_fp8_then_gguf(tiny_dir, quantised, tmp_path, c
 
 
 def test_split_pairs_count_only_when_whole(tmp_path):
-    from ovi.engine import _find_fusion
+    from ovi.models_dir import _find_fusion
 
     ovi = tmp_path / "Ovi"
     ovi.mkdir()
