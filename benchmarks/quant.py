@@ -72,7 +72,7 @@ def _to_fp8(block: torch.nn.Module, granularity: str) -> torch.nn.Module:
 def _tiny_errors(tmp: Path) -> dict[str, tuple[float, float]]:
     from ovi.convert import convert_fp8
     from ovi.fusion.checkpoint import load_fusion_model
-    from ovi.quant.fp8 import set_fp8_compute
+    from ovi.quant.fp8 import cpu_scaled_mm_available, set_fp8_compute
     from ovi.tools.tiny.fusion import write_tiny
 
     src = write_tiny(tmp, 0)[2]
@@ -98,7 +98,7 @@ def _tiny_errors(tmp: Path) -> dict[str, tuple[float, float]]:
             dst = tmp / f"tiny_{gran}.safetensors"
             convert_fp8(src, dst, granularity=gran)
             record(f"upcast, per-{gran}", forward(dst, torch.float32))
-            if _cpu_scaled_mm():
+            if cpu_scaled_mm_available():
                 record(f"scaled_mm on cpu (bf16), per-{gran}", forward(dst, bf16, "scaled_mm"))
     return errs
 
@@ -132,7 +132,7 @@ def _full_layer_errors(tokens: int, device: str) -> dict[str, dict[str, float]]:
     from ovi.fusion.backbone import Block
     from ovi.fusion.config import OVI_FUSION_CONFIG
     from ovi.fusion.model import FusionModel
-    from ovi.quant.fp8 import fp8_matmul_support, set_fp8_compute
+    from ovi.quant.fp8 import cpu_scaled_mm_available, fp8_matmul_support, set_fp8_compute
 
     cfg = OVI_FUSION_CONFIG
     vb, ab = Block(cfg.video), Block(cfg.audio)
@@ -162,7 +162,8 @@ def _full_layer_errors(tokens: int, device: str) -> dict[str, dict[str, float]]:
 
     # _scaled_mm's arithmetic (FP8 activations x FP8 weights, float32 accumulation) is the same on torch's CPU
     # kernel and on the tensor cores, so the error is measured wherever it runs; its speed only on the GPU.
-    mm_device = device if device != "cpu" and fp8_matmul_support(device)[0] else "cpu" if _cpu_scaled_mm() else None
+    mm_device = (device if device != "cpu" and fp8_matmul_support(device)[0]
+                 else "cpu" if cpu_scaled_mm_available() else None)
     bf16 = torch.bfloat16
     record("bf16 weights, bf16 activations (no FP8)", run(_compute_dtype(vb, bf16), _compute_dtype(ab, bf16), bf16))
     for gran in ("tensor", "channel"):
@@ -194,17 +195,6 @@ def _compute_dtype(block: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
                 if t is not None and t.is_floating_point() and not keep:
                     t.data = t.data.to(dtype)
     return out
-
-
-def _cpu_scaled_mm() -> bool:
-    """Whether this torch has a CPU ``_scaled_mm`` kernel (it computes what the FP8 tensor cores compute)."""
-    one = torch.ones(())
-    try:
-        torch._scaled_mm(torch.zeros(16, 16, dtype=torch.float8_e4m3fn), torch.zeros(16, 16, dtype=torch.float8_e4m3fn).t(),
-                         scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
 def _sizes() -> dict[str, float]:

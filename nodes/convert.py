@@ -80,7 +80,7 @@ class OviConvertModel:
             raise ValueError("umT5 converts to GGUF only (Comfy-Org already ships umt5_xxl_fp8_e4m3fn_scaled); "
                              "choose a gguf-* target")
 
-        sources = split_pair(src) if info.is_fusion else [src]  # a split pack converts as one model
+        sources = split_pair(src, info) if info.is_fusion else [src]  # a split pack converts as one model
         bar = progress_bar(1)
         try:
             if target == "fp8":

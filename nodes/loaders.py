@@ -48,15 +48,16 @@ def _check_component(key: str, name: str, path: str) -> None:
                          "Ovi needs the Wan2.2 VAE (48-channel latent): wan2.2_vae.safetensors or Wan2.2_VAE.pth.")
 
 
-def _check_fusion(name: str, path: str) -> None:
-    """bf16, FP8 (official plain, Kijai scaled, ComfyUI scaled_fp8, ours) and GGUF fusion files all load; what
-    is refused is a file of another component."""
+def _check_fusion(name: str, path: str):
+    """The file's ``inspect_file`` info: bf16, FP8 (official plain, Kijai scaled, ComfyUI scaled_fp8, ours) and
+    GGUF fusion files all load; what is refused is a file of another component."""
     from ..ovi.detect import inspect_file
 
     info = inspect_file(path)
     if not info.is_fusion:
         raise ValueError(f"{name} is {info.description}, not an Ovi fusion model ({info.layout}). Choose the Ovi "
                          f"model file (e.g. model.safetensors) in 'model'.")
+    return info
 
 
 def _fusion_files() -> list[str]:
@@ -140,12 +141,12 @@ class OviEngineLoader:
         from ..utils.model_management import OviModelPatcher
 
         path = full_path(FUSION_FOLDER, model)
-        _check_fusion(model, path)
+        info = _check_fusion(model, path)
         options = EngineOptions(
             variant=None if variant == "auto" else variant, device=mm.get_torch_device(),
             dtype=None if precision == "auto" else precision, memory_mode=memory_mode,
             block_swap=int(block_swap_layers) if memory_mode == "block_swap" else 0, attention=attention)
-        fusion = split_pair(path)  # a split pack's other half comes from beside the chosen one
+        fusion = split_pair(path, info)  # a split pack's other half comes from beside the chosen one
         engine = OviEngine(fusion if len(fusion) > 1 else path, components["text_encoder"], None,
                            components["video_vae"], components["audio_vae"], components["vocoder"], options=options)
         return (OviModelPatcher(engine, f"Ovi {engine.variant.name} ({Path(model).name})"),)

@@ -12,7 +12,7 @@ scaled-fp8 convention (``scaled_fp8`` marker, ``<layer>.scale_weight``) with hea
 granularity, source and variant. Sources: our/official bf16 files, split video/audio pairs, and every FP8
 layout the loader reads (scaled sources are re-quantised; a source already in the asked granularity
 passes through unchanged). GGUF (``quant.gguf_write``) takes the same sources and opens them the same way;
-FP8 weights are dequantised first (``dequantised_sources``).
+FP8 weights are dequantised first (``quant.fp8_checkpoint.dequantised_sources``).
 
 Reading goes through plain file reads and writing through ``StreamingWriter``, so peak memory stays near the
 largest tensor instead of the file size.
@@ -25,50 +25,20 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .loading import FP8_DTYPES, CheckpointError, DerivedSource, TensorSource
+from .loading import CONFIG_METADATA_KEY, FP8_DTYPES, VARIANT_METADATA_KEY, CheckpointError, TensorSource
 from .log import log
 from .quant.fp8 import E4M3, GRANULARITIES, dequantise_fp8, quantise_fp8
 from .quant.fp8_checkpoint import (FORMAT_FP8, FORMAT_KEY, GRANULARITY_KEY, MARKER, SCALE, SOURCE_KEY,
-                                   is_quantised_key)
+                                   effective_weight, is_quantised_key)
 from .safetensors_stream import StreamingWriter
 
-CONFIG_METADATA_KEY = "ovi.config"
-VARIANT_METADATA_KEY = "ovi.variant"
 DEFAULT_GRANULARITY = "tensor"  # per-channel measured no better (benchmarks/quant.py), and scalars are what ComfyUI reads
 GGUF_TARGETS = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16", "gguf-bf16")
 TARGETS = ("fp8",) + GGUF_TARGETS
-
-
-def output_variant(paths: list[Path], files, explicit: str | None) -> str | None:
-    """The variant to record in a converted file: the sources' metadata, their names, else ``explicit``."""
-    from .detect import resolve_variant
-
-    tagged = next((f.metadata[VARIANT_METADATA_KEY] for f in files if f.metadata.get(VARIANT_METADATA_KEY)), None)
-    if tagged and not explicit:
-        return tagged
-    try:
-        return resolve_variant(paths, explicit, metadata=[f.metadata for f in files]).variant.name
-    except ValueError as e:
-        if explicit:
-            raise
-        log.warning("convert: the variant is not recorded (%s); pass --variant to record it", str(e).split(":")[0])
-        return None
-
-
-def describe_sources(files) -> str:
-    parts = []
-    for f in files:
-        if f.fp8 is not None:
-            kind = f"fp8 {f.fp8.name}"
-        else:
-            dts = {s.dtype for s in f.sources.values() if s.dtype.is_floating_point}
-            kind = "/".join(sorted(str(d).removeprefix("torch.") for d in dts)) or "?"
-        parts.append(f"{kind} ({f.path.name})")
-    return " + ".join(parts)
 
 
 def _plan(sources: dict[str, TensorSource], granularity: str, out_dtype: torch.dtype):
@@ -106,40 +76,13 @@ def _plan(sources: dict[str, TensorSource], granularity: str, out_dtype: torch.d
             def keep(s=s, scale=scale):
                 t = s.load()
                 if t.dtype in FP8_DTYPES or scale is not None:
-                    return _dequantise(t, scale.load() if scale is not None else None, out_dtype)
+                    return effective_weight(t, scale.load() if scale is not None else None, out_dtype)
                 return t.to(out_dtype)
 
             entries.append((key, shape, out_dtype, keep))
         else:
             entries.append((key, shape, s.dtype, s.load))
     return entries
-
-
-def _dequantise(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    # a per-row scale may be stored [out] as well as [out, 1]; only the latter broadcasts over the rows
-    if scale is not None and scale.numel() > 1:
-        scale = scale.reshape(-1, *[1] * (w.ndim - 1))
-    return dequantise_fp8(w, scale, dtype)
-
-
-def dequantised_sources(sources: Mapping[str, TensorSource], dtype: torch.dtype = torch.float32
-                        ) -> tuple[dict[str, TensorSource], int]:
-    """(sources with every FP8 tensor, and every weight that has a ``<layer>.scale_weight``, replaced by its
-    effective value in ``dtype``, the scales dropped; how many were replaced). Each is computed when loaded,
-    so a converter still holds one tensor at a time."""
-    out: dict[str, TensorSource] = {}
-    count = 0
-    for key, s in sources.items():
-        if key.endswith(SCALE):
-            continue
-        scale = sources.get(key[: -len(".weight")] + SCALE) if key.endswith(".weight") else None
-        if s.dtype in FP8_DTYPES or scale is not None:
-            inputs = (s,) if scale is None else (s, scale)
-            out[key] = DerivedSource(inputs, lambda w, sc=None: _dequantise(w, sc, dtype), tuple(s.shape), dtype)
-            count += 1
-        else:
-            out[key] = s
-    return out, count
 
 
 def _same_granularity(scale: torch.Tensor, granularity: str) -> bool:
@@ -151,7 +94,7 @@ def convert_fp8(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str |
                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Write ``dst`` (one safetensors file, official ``video_model.``/``audio_model.`` keys) from a fusion
     checkpoint (one file or a split pair, any layout the loader reads). Returns figures of the run."""
-    from .fusion.checkpoint import fusion_sources
+    from .fusion.checkpoint import describe_sources, fusion_sources, output_variant
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -18,12 +18,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .loading import FP8_DTYPES, GGUF_MAGIC, KNOWN_COMPONENTS, CheckpointError, CheckpointReader
+from .loading import (CONFIG_METADATA_KEY, FP8_DTYPES, GGUF_MAGIC, KNOWN_COMPONENTS, VARIANT_METADATA_KEY,
+                      CheckpointError, CheckpointReader)
 from .log import log
 from .variants import VARIANTS, Variant, get_variant, known_file
-
-VARIANT_METADATA_KEY = "ovi.variant"
-CONFIG_METADATA_KEY = "ovi.config"
 
 DESCRIPTIONS = {**{k: v[0] for k, v in KNOWN_COMPONENTS.items()},
                 "fusion_video": "the video branch of an Ovi fusion model (split checkpoint)",
@@ -59,6 +57,11 @@ class FileInfo:
     @property
     def description(self) -> str:
         return DESCRIPTIONS.get(self.component, self.component)
+
+    @property
+    def cast_numel(self) -> int:
+        """Values a load casts to the compute dtype (everything not kept in ``stored_bytes``)."""
+        return sum(_prod(s) for k, s in self.shapes.items() if k not in self.stored_bytes)
 
     @property
     def is_fusion(self) -> bool:
@@ -283,13 +286,14 @@ def _read_meta(path: Path) -> dict[str, str]:
         return {}
 
 
-def split_pair(path: str | os.PathLike) -> list[Path]:
+def split_pair(path: str | os.PathLike, info: FileInfo | None = None) -> list[Path]:
     """``path`` plus, when it is one branch of a split fusion checkpoint, the other branch beside it, in
     (video, audio) order. Split packs name their halves alike but for the word video / audio (e.g. Kijai's
     ``Wan2_2_Ovi_Video_fp8_e4m3fn_scaled_KJ`` / ``..._Audio_...``), so that word is swapped, keeping its case.
-    Raises ``CheckpointError`` for a branch whose partner is not there. Other files come back alone."""
+    Raises ``CheckpointError`` for a branch whose partner is not there. Other files come back alone.
+    ``info``: ``path``'s ``inspect_file`` result when the caller has it already."""
     p = Path(path)
-    info = inspect_file(p)
+    info = info or inspect_file(p)
     if info.component not in ("fusion_video", "fusion_audio"):
         return [p]
     mine, other = ("video", "audio") if info.component == "fusion_video" else ("audio", "video")

@@ -149,13 +149,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 # -- the engine ------------------------------------------------------------------------------------------
-def _cast_and_stored(infos: Sequence[FileInfo]) -> tuple[int, torch.dtype | None, int]:
-    """ComponentSlot sizes of a component's files: (values cast to the compute dtype at load, host dtype (None:
-    the compute dtype), bytes kept in their stored FP8 / GGUF format)."""
-    cast = sum(math.prod(shape) for i in infos for key, shape in i.shapes.items() if key not in i.stored_bytes)
-    return cast, None, sum(sum(i.stored_bytes.values()) for i in infos)
-
-
 class OviEngine:
     def __init__(self, fusion: str | os.PathLike | Sequence[str | os.PathLike], text_encoder: str | os.PathLike,
                  tokenizer: str | os.PathLike | None = None, video_vae: str | os.PathLike | None = None,
@@ -203,8 +196,10 @@ class OviEngine:
         self._attention = make_attention(opts.attention, self.device, self.dtype)
         self._tokenizer = None
         self._slots = {
-            "fusion": ComponentSlot("fusion model", self._load_fusion, *_cast_and_stored(self.fusion_info)),
-            "text_encoder": ComponentSlot("text encoder", self._load_text, *_cast_and_stored([infos["text_encoder"]])),
+            "fusion": ComponentSlot("fusion model", self._load_fusion, sum(i.cast_numel for i in self.fusion_info),
+                                    stored_bytes=sum(sum(i.stored_bytes.values()) for i in self.fusion_info)),
+            "text_encoder": ComponentSlot("text encoder", self._load_text, infos["text_encoder"].cast_numel,
+                                          stored_bytes=sum(infos["text_encoder"].stored_bytes.values())),
             "video_vae": ComponentSlot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
             "audio": ComponentSlot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
                            torch.float32),

@@ -24,6 +24,9 @@ from torch.overrides import TorchFunctionMode
 
 
 GGUF_MAGIC = b"GGUF"
+# header metadata our converters and tiny checkpoints write into fusion files
+CONFIG_METADATA_KEY = "ovi.config"
+VARIANT_METADATA_KEY = "ovi.variant"
 
 FP8_DTYPES = tuple(
     d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d is not None

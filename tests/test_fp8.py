@@ -21,8 +21,8 @@ from ovi.detect import inspect_file
 from ovi.fusion.checkpoint import load_fusion_model
 from ovi.loading import CheckpointError
 from ovi.quant import fp8 as fp8mod
-from ovi.quant.fp8 import (E4M3, FP8Linear, dequantise_fp8, fp8_compute_mode, fp8_matmul_support, quantise_fp8,
-                           scaled_mm_linear, set_fp8_compute)
+from ovi.quant.fp8 import (E4M3, FP8Linear, cpu_scaled_mm_available, dequantise_fp8, fp8_compute_mode,
+                           fp8_matmul_support, quantise_fp8, scaled_mm_linear, set_fp8_compute)
 from ovi.quant.fp8_checkpoint import detect_fp8_layout, is_quantised_key
 from ovi.tools.tiny.fusion import TINY_CONFIG, random_state_dict
 
@@ -173,17 +173,7 @@ def test_scaled_mm_rowwise_refused_falls_back_to_output_scaling(monkeypatch):
     assert all(not c[2] for c in calls)  # the refusal is remembered
 
 
-def _cpu_scaled_mm_runs() -> bool:
-    try:
-        one = torch.ones((), dtype=torch.float32)
-        torch._scaled_mm(torch.zeros(16, 16, dtype=E4M3), torch.zeros(16, 16, dtype=E4M3).t(), scale_a=one,
-                         scale_b=one, out_dtype=torch.bfloat16)
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
-
-
-@pytest.mark.skipif(not _cpu_scaled_mm_runs(), reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.skipif(not cpu_scaled_mm_available(), reason="this torch has no CPU torch._scaled_mm")
 @pytest.mark.parametrize("gran", ["tensor", "channel"])
 def test_scaled_mm_linear_on_torch_cpu_kernel(gran, monkeypatch):
     """The real torch._scaled_mm (its CPU kernel computes what the FP8 tensor cores compute): odd K and N padded,

@@ -22,15 +22,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..loading import (is_gguf, meta_device, FP8_DTYPES, KNOWN_COMPONENTS, CheckpointError, CheckpointReader, DerivedSource,
+from ..loading import (is_gguf, meta_device, CONFIG_METADATA_KEY, FP8_DTYPES, KNOWN_COMPONENTS, VARIANT_METADATA_KEY,
+                       CheckpointError, CheckpointReader, DerivedSource,
                        TensorSource, check_keys, identify_component, load_into_module)
 from ..log import log
 from ..quant.fp8_checkpoint import Fp8Layout, detect_fp8_layout, prepare_fp8_model, strip_fp8_extras
 from .config import FusionConfig
 from .model import FusionModel
-
-CONFIG_METADATA_KEY = "ovi.config"
-VARIANT_METADATA_KEY = "ovi.variant"
 
 _BRANCH_PREFIX = {"video": "video_model.", "audio": "audio_model."}
 # Keys that tell the branches apart, with the rank of the tensor.
@@ -265,3 +263,32 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
              str(dtype).replace("torch.", ""), device, f" (variant {variant})" if variant else "",
              f"; FP8: {fp8_linears} linear layers, {fp8.summary()}" if fp8 else "")
     return model
+
+
+def output_variant(paths: list[Path], files, explicit: str | None) -> str | None:
+    """For converters: the variant to record, from the sources' metadata, their names, else ``explicit``."""
+    from ..detect import resolve_variant
+
+    tagged = next((f.metadata[VARIANT_METADATA_KEY] for f in files if f.metadata.get(VARIANT_METADATA_KEY)), None)
+    if tagged and not explicit:
+        return tagged
+    try:
+        return resolve_variant(paths, explicit, metadata=[f.metadata for f in files]).variant.name
+    except ValueError as e:
+        if explicit:
+            raise
+        log.warning("convert: the variant is not recorded (%s); pass --variant to record it", str(e).split(":")[0])
+        return None
+
+
+def describe_sources(files) -> str:
+    """For converters: what the sources were, e.g. ``bfloat16 (model.safetensors)``, for the header."""
+    parts = []
+    for f in files:
+        if f.fp8 is not None:
+            kind = f"fp8 {f.fp8.name}"
+        else:
+            dts = {s.dtype for s in f.sources.values() if s.dtype.is_floating_point}
+            kind = "/".join(sorted(str(d).removeprefix("torch.") for d in dts)) or "?"
+        parts.append(f"{kind} ({f.path.name})")
+    return " + ".join(parts)

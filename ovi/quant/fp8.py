@@ -121,6 +121,18 @@ def fp8_matmul_support(device: torch.device | str) -> tuple[bool, str]:
     return ok, f"CUDA sm_{major}{minor}" + ("" if ok else " (FP8 tensor cores need sm_89 or newer)")
 
 
+def cpu_scaled_mm_available() -> bool:
+    """Whether this torch has a CPU ``_scaled_mm`` kernel. It is no faster than upcasting, so it is never chosen
+    for compute; its arithmetic is that of the FP8 tensor cores, so tests and benchmarks measure errors with it."""
+    one = torch.ones(())
+    try:
+        torch._scaled_mm(torch.zeros(16, 16, dtype=E4M3), torch.zeros(16, 16, dtype=E4M3).t(), scale_a=one,
+                         scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 def fp8_compute_mode(device: torch.device | str, override: str | None = None) -> str:
     """"scaled_mm" or "upcast" for FP8 linears on ``device``: ``override`` ("auto" | "scaled_mm" | "upcast")
     or, for None/"auto", what the hardware supports (decided and logged once per device)."""

@@ -156,6 +156,33 @@ def _scalar_or_rows(scale: torch.Tensor, gran: str) -> torch.Tensor:
     return s.reshape(()) if gran == "tensor" else s.reshape(-1, 1)
 
 
+def effective_weight(w: torch.Tensor, scale: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w * scale`` in ``dtype`` (a per-row scale may be stored [out] as well as [out, 1])."""
+    if scale is not None and scale.numel() > 1:
+        scale = scale.reshape(-1, *[1] * (w.ndim - 1))
+    return dequantise_fp8(w, scale, dtype)
+
+
+def _dequantised(s: TensorSource, scale: TensorSource | None, dtype: torch.dtype) -> DerivedSource:
+    inputs = (s,) if scale is None else (s, scale)
+    return DerivedSource(inputs, lambda w, sc=None: effective_weight(w, sc, dtype), tuple(s.shape), dtype)
+
+
+def dequantised_sources(sources: Mapping[str, TensorSource], dtype: torch.dtype = torch.float32
+                        ) -> tuple[dict[str, TensorSource], int]:
+    """(sources with every FP8 tensor, and every weight that has a ``<layer>.scale_weight``, replaced by its
+    effective value in ``dtype``, the scales dropped; how many were replaced). Each is computed when loaded, so
+    a converter still holds one tensor at a time."""
+    out: dict[str, TensorSource] = {}
+    for key, s in sources.items():
+        if key.endswith(SCALE):
+            continue
+        scale = sources.get(key[: -len(".weight")] + SCALE) if key.endswith(".weight") else None
+        out[key] = _dequantised(s, scale, dtype) if s.dtype in FP8_DTYPES or scale is not None else s
+    return out, sum(1 for k, s in out.items() if s is not sources[k])
+
+
 def prepare_fp8_model(model: nn.Module, sources: Mapping[str, TensorSource], path) -> tuple[dict[str, TensorSource], int]:
     """Swap every ``nn.Linear`` of ``model`` (built on meta) whose weight is FP8 in ``sources`` for an
     ``FP8Linear`` with the file's scale granularity; any other FP8 tensor (or scaled non-FP8 weight) is
@@ -189,10 +216,7 @@ def prepare_fp8_model(model: nn.Module, sources: Mapping[str, TensorSource], pat
                 else DerivedSource((scale,), lambda t, g=gran: _scalar_or_rows(t, g), shape, torch.float32))
             count += 1
         elif s.dtype in FP8_DTYPES or scale is not None:
-            inputs = (s,) if scale is None else (s, scale)
-            out[key] = DerivedSource(inputs, lambda w, sc=None: dequantise_fp8(w, None if sc is None else
-                                                                                (sc if sc.numel() == 1 else sc.reshape(-1, *[1] * (w.ndim - 1)))),
-                                     tuple(s.shape), torch.float32)
+            out[key] = _dequantised(s, scale, torch.float32)
         else:
             out[key] = s
     stray = [k for k in src if k.endswith(SCALE) and k not in consumed]

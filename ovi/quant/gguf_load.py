@@ -27,7 +27,8 @@ from torch import nn
 
 from ..fusion.config import FusionConfig
 from ..fusion.model import FusionModel
-from ..loading import GGUF_MAGIC, CheckpointError, TensorSource, check_keys, meta_device
+from ..loading import (CONFIG_METADATA_KEY, GGUF_MAGIC, VARIANT_METADATA_KEY, CheckpointError, TensorSource, check_keys,
+                       meta_device)
 from ..log import log
 from ..text.names import LLAMA_CPP
 from ..text.umt5 import UMT5Config, UMT5Encoder
@@ -272,7 +273,7 @@ def load_fusion_gguf(path: str | os.PathLike, *, device: torch.device | str = "c
     _check_arch(f, _FUSION_ARCHS, "an Ovi fusion model")
     sources = _fusion_sources(f)
     if config is None:
-        raw = f.metadata.get("ovi.config")
+        raw = f.metadata.get(CONFIG_METADATA_KEY)
         try:
             config = (FusionConfig.from_dict(json.loads(raw)) if raw else
                       FusionConfig.from_shapes({k: s.shape for k, s in sources.items()}))
@@ -288,7 +289,7 @@ def load_fusion_gguf(path: str | os.PathLike, *, device: torch.device | str = "c
     log.info("fusion model loaded from %s: GGUF %s, %d layers, dim %d, %d Linear weights kept quantised, %d tensors "
              "dense, computing in %s on %s%s", f.path, "/".join(types) or "unquantised", config.num_layers,
              config.video.dim, kept, dense, str(dtype).replace("torch.", ""), device,
-             f" (variant {f.metadata['ovi.variant']})" if f.metadata.get("ovi.variant") else "")
+             f" (variant {f.metadata[VARIANT_METADATA_KEY]})" if f.metadata.get(VARIANT_METADATA_KEY) else "")
     return model
 
 

@@ -31,9 +31,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..loading import CheckpointError, CheckpointReader, TensorSource
+from ..loading import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError, CheckpointReader, TensorSource
 from ..log import log
-from .fp8_checkpoint import SOURCE_KEY
+from .fp8_checkpoint import SOURCE_KEY, dequantised_sources
 from .gguf_dequant import PLAIN, Q, block_sizes
 from .gguf_load import FUSION_ARCH, ORIG_SHAPE_KEY, T5_ARCH, llama_t5_name
 from .gguf_quantize import QUANTIZERS, can_quantize, quantize
@@ -132,9 +132,7 @@ class _Opened:
 def _open_fusion(paths: list[Path], target: Q, variant: str | None) -> _Opened:
     """A fusion model from one file or a split pair, in any layout the FP8 converter reads; FP8 weights come
     back dequantised to float32 (their scales folded in)."""
-    from ..convert import (CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, dequantised_sources, describe_sources,
-                           output_variant)
-    from ..fusion.checkpoint import fusion_sources
+    from ..fusion.checkpoint import describe_sources, fusion_sources, output_variant
 
     files, readers, sources, cfg, label = fusion_sources(paths, streaming=True)
     try:
