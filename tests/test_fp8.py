@@ -149,13 +149,18 @@ def test_scaled_mm_plumbing_with_fake_kernel(gran, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm(calls))
     monkeypatch.setattr(fp8mod, "_rowwise_ok", {})
+    monkeypatch.setattr(fp8mod, "_forced_cache", {})
     y = scaled_mm_linear(x, m.weight, m.scale_weight, m.bias)  # float32 activations
     assert y.shape == (2, 3, 33) and y.dtype == torch.float32
     assert torch.allclose(y, up, rtol=1e-5, atol=1e-5)  # exact input quantisation: only float rounding differs
     assert calls[-1][:2] == ((6, 80), (80, 48))
     m.mode = "scaled_mm"
-    monkeypatch.setattr(fp8mod, "fp8_matmul_support", lambda d: (True, "faked"))
+    asked = []
+    monkeypatch.setattr(fp8mod, "fp8_matmul_support", lambda d: (asked.append(torch.device(d)) or True, "faked"))
+    n = len(calls)
     yb = m(x.bfloat16())
+    assert asked == [torch.device("cpu")]  # the forced mode was checked against the input's device
+    assert len(calls) == n + 1  # and the module went through _scaled_mm
     assert yb.dtype == torch.bfloat16 and _rel(yb, up) < 1e-2
     assert calls[-1][2] == (gran == "channel")  # per-channel scales went into scale_b as a row
 
@@ -192,8 +197,68 @@ def test_scaled_mm_linear_on_torch_cpu_kernel(gran, monkeypatch):
     # against the upcast path, the difference is the activation quantisation (e4m3: 3 mantissa bits)
     up = F.linear(x.float(), dequantise_fp8(m.weight, m.scale_weight), m.bias)
     assert 5e-3 < _rel(y, up) < 6e-2
-    m.mode = "scaled_mm"
+    monkeypatch.setattr(fp8mod, "_forced_cache", {})
+    set_fp8_compute(m, "scaled_mm", cpu_kernel=True)  # the CPU kernel, asked for explicitly
     assert torch.equal(m(x), y)
+
+
+def test_forced_scaled_mm_is_checked_against_the_device(monkeypatch):
+    """Forcing "scaled_mm" where the device has no FP8 matrix multiply fails with the reason at the first forward
+    on that device, the answer cached; nothing falls back to upcasting silently, and _scaled_mm is never reached."""
+    monkeypatch.setattr(fp8mod, "_forced_cache", {})
+    monkeypatch.setattr(fp8mod, "_mode_cache", {})
+    m = FP8Linear.from_linear(torch.nn.Linear(32, 16), "tensor")
+    x = torch.randn(4, 32)
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm(calls))
+    # the real support check on this CPU: no FP8 tensor cores
+    assert set_fp8_compute(m, "scaled_mm") == 1  # CPU-resident weights may compute elsewhere: checked at forward
+    with pytest.raises(ValueError, match=r"'scaled_mm' was asked for, but cpu device has no FP8 matrix multiply"):
+        m(x)
+    # a GPU without FP8 tensor cores, through the device capability the real check reads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
+    sm86 = r"but CUDA sm_86 \(FP8 tensor cores need sm_89 or newer\) has no FP8 matrix multiply; use 'auto' or 'upcast'"
+    with pytest.raises(ValueError, match=sm86):
+        fp8_compute_mode("cuda:0", "scaled_mm")
+    # the layer computing on that GPU (its input's device stands in: the check is asked about the CPU input, and
+    # answers with the GPU's capability)
+    monkeypatch.setattr(fp8mod, "_forced_cache", {})
+    real, asked = fp8mod.fp8_matmul_support, []
+    monkeypatch.setattr(fp8mod, "fp8_matmul_support", lambda d: (asked.append(torch.device(d)), real("cuda:0"))[1])
+    for _ in range(3):
+        with pytest.raises(ValueError, match=sm86):
+            m(x)
+    assert asked == [torch.device("cpu")]  # decided once per device, for the device the layer computes on
+    assert calls == []
+    # with the device able (faked), the same forced layer computes through _scaled_mm; upcast asks nothing
+    monkeypatch.setattr(fp8mod, "_forced_cache", {})
+    monkeypatch.setattr(fp8mod, "fp8_matmul_support", lambda d: (True, "faked"))
+    m(x)
+    assert len(calls) == 1
+    monkeypatch.setattr(fp8mod, "fp8_matmul_support", lambda d: pytest.fail("upcast asked about the device"))
+    set_fp8_compute(m, "upcast")
+    assert torch.equal(m(x), F.linear(x, dequantise_fp8(m.weight, m.scale_weight), m.bias))
+
+
+def test_forced_scaled_mm_on_cpu_needs_the_cpu_kernel(monkeypatch):
+    """cpu_kernel=True accepts torch's CPU _scaled_mm where it exists, and says so where it does not."""
+    m = FP8Linear.from_linear(torch.nn.Linear(32, 16), "channel")
+    x = torch.randn(4, 32)
+    for available in (False, True):
+        monkeypatch.setattr(fp8mod, "_forced_cache", {})
+        monkeypatch.setattr(fp8mod, "cpu_scaled_mm_available", lambda a=available: a)
+        calls = []
+        monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm(calls))
+        set_fp8_compute(m, "scaled_mm", cpu_kernel=True)
+        if available:
+            assert m(x).shape == (4, 16) and len(calls) == 1
+        else:
+            with pytest.raises(ValueError, match="without a CPU _scaled_mm kernel in this torch"):
+                m(x)
+            assert calls == []
 
 
 def test_compute_mode_selection(monkeypatch):

@@ -14,7 +14,6 @@ The config comes from ``config``, else the header metadata ``ovi.config``, else 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -26,8 +25,10 @@ from ..loading import (is_gguf, meta_device, CONFIG_METADATA_KEY, FP8_DTYPES, KN
                        CheckpointError, CheckpointReader, DerivedSource,
                        TensorSource, check_keys, identify_component, load_into_module)
 from ..log import log
-from ..quant.fp8_checkpoint import Fp8Layout, detect_fp8_layout, prepare_fp8_model, strip_fp8_extras
-from .config import FusionConfig
+from ..quant.fp8_checkpoint import (Fp8Layout, check_scale_values, detect_fp8_layout, prepare_fp8_model,
+                                   strip_fp8_extras)
+from .config import ConfigError, FusionConfig
+from .metadata import check_config_matches_shapes, config_from_metadata, variant_from_metadata
 from .model import FusionModel
 
 _BRANCH_PREFIX = {"video": "video_model.", "audio": "audio_model."}
@@ -57,6 +58,8 @@ def _open(path: Path, prefix: str, streaming: bool = False):
         sources = _app_model_sources(path, prefix)
     metadata = dict(reader.metadata)
     fp8 = detect_fp8_layout(sources, metadata, path)
+    if fp8 is not None:
+        check_scale_values(sources, path)
     return _File(path, strip_fp8_extras(sources), metadata, fp8), reader
 
 
@@ -161,17 +164,24 @@ def _gather(files: list[_File]) -> dict[str, tuple[Path, dict[str, TensorSource]
 
 
 def _config(files: list[_File], branches: dict[str, tuple[Path, dict[str, TensorSource]]], label) -> FusionConfig:
+    """The config from the header metadata (checked, and against the tensor shapes), else from the shapes."""
+    shapes = {_BRANCH_PREFIX[b] + k: tuple(s.shape) for b, (_, srcs) in branches.items() for k, s in srcs.items()}
+    recorded = [(f, c) for f in files if (c := config_from_metadata(f.metadata, f.path)) is not None]
     for f in files:
-        raw = f.metadata.get(CONFIG_METADATA_KEY)
-        if raw:
-            try:
-                return FusionConfig.from_dict(json.loads(raw))
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f.path, f"invalid '{CONFIG_METADATA_KEY}' header metadata: {e}") from e
-    shapes = {_BRANCH_PREFIX[b] + k: s.shape for b, (_, srcs) in branches.items() for k, s in srcs.items()}
+        variant_from_metadata(f.metadata, f.path)
+    if recorded:
+        f, cfg = recorded[0]
+        if any(c != cfg for _, c in recorded[1:]):
+            raise CheckpointError(label, f"the two files record different {CONFIG_METADATA_KEY} header metadata; "
+                                         "give a matching pair.")
+        check_config_matches_shapes(cfg, shapes, f.path)
+        return cfg
     try:
         return FusionConfig.from_shapes(shapes)
-    except (KeyError, ValueError) as e:
+    except ConfigError as e:
+        raise CheckpointError(label, f"the tensor shapes give no valid model configuration: {e}. The file is "
+                                     "corrupt or not an Ovi fusion model.") from None
+    except KeyError as e:
         msg = e.args[0] if e.args else str(e)
         raise CheckpointError(label, f"cannot infer the model configuration: {msg}. Likely cause: tensors are "
                                      "missing (a partial or interrupted file); use the complete file.") from e
@@ -234,7 +244,12 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
         if len(layouts) > 1:
             raise CheckpointError(label, f"the two files use different FP8 layouts ({', '.join(sorted(layouts))}); "
                                          "give a matching pair.")
-        cfg = config or _config(files, branches, label)
+        if config is None:
+            cfg = _config(files, branches, label)
+        else:
+            cfg = config
+            for f in files:
+                variant_from_metadata(f.metadata, f.path)
         with meta_device():
             model = FusionModel(cfg)
         sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
@@ -269,7 +284,7 @@ def output_variant(paths: list[Path], files, explicit: str | None) -> str | None
     """For converters: the variant to record, from the sources' metadata, their names, else ``explicit``."""
     from ..detect import resolve_variant
 
-    tagged = next((f.metadata[VARIANT_METADATA_KEY] for f in files if f.metadata.get(VARIANT_METADATA_KEY)), None)
+    tagged = next((v for f in files if (v := variant_from_metadata(f.metadata, f.path))), None)
     if tagged and not explicit:
         return tagged
     try:

@@ -8,7 +8,11 @@ A weight is stored as ``float8_e4m3fn`` with a float32 scale, one per tensor ([]
   FP8 operands, the scales applied in its epilogue;
 * ``"upcast"`` anywhere else: the weight is cast to the compute dtype and scaled for this one call.
 
-The choice is automatic per device (logged once) and can be forced per model (``set_fp8_compute``).
+The choice is automatic per device (logged once) and can be forced per model (``set_fp8_compute``). A forced
+"scaled_mm" is checked against the device the layer computes on at its first forward there (once per device,
+cached): a device without FP8 matrix multiply is a ``ValueError`` saying why, never a silent upcast or a kernel
+error deep inside a step. torch's CPU ``_scaled_mm`` kernel (the tensor cores' arithmetic, no faster than
+upcasting) is accepted only when asked for (``cpu_kernel=True``), as tests and benchmarks do.
 Weight, bias and scale are ordinary parameters/buffers, so block swap moves them like any other tensor.
 """
 
@@ -30,6 +34,8 @@ _MIN_SCALE = 1e-12  # an all-zero tensor still gets a finite, positive scale
 _ROW_CHUNK = 1 << 19  # elements quantised at once: the float32 temporaries stay at 2 MB
 
 _mode_cache: dict[tuple[str, int | None], str] = {}
+# (device type, index, CPU kernel accepted) -> None when a forced "scaled_mm" can run there, else the error text
+_forced_cache: dict[tuple[str, int | None, bool], str | None] = {}
 _rowwise_ok: dict[tuple[str, int | None], bool] = {}
 
 
@@ -133,18 +139,33 @@ def cpu_scaled_mm_available() -> bool:
         return False
 
 
+def check_forced_scaled_mm(device: torch.device | str, cpu_kernel: bool = False) -> None:
+    """Raise ``ValueError`` (saying why) unless ``torch._scaled_mm`` can compute FP8 linears on ``device``: FP8
+    tensor cores (``fp8_matmul_support``), or with ``cpu_kernel`` a CPU whose torch has the CPU kernel. Decided
+    once per device; later calls only look the answer up."""
+    device = torch.device(device)
+    key = (*_key(device), bool(cpu_kernel))
+    if key not in _forced_cache:
+        ok, why = fp8_matmul_support(device)
+        if not ok and cpu_kernel and device.type == "cpu":
+            ok = cpu_scaled_mm_available()
+            why += "" if ok else " without a CPU _scaled_mm kernel in this torch"
+        _forced_cache[key] = None if ok else (f"FP8 compute 'scaled_mm' was asked for, but {why} has no FP8 matrix "
+                                              "multiply; use 'auto' or 'upcast'.")
+    if _forced_cache[key] is not None:
+        raise ValueError(_forced_cache[key])
+
+
 def fp8_compute_mode(device: torch.device | str, override: str | None = None) -> str:
     """"scaled_mm" or "upcast" for FP8 linears on ``device``: ``override`` ("auto" | "scaled_mm" | "upcast")
-    or, for None/"auto", what the hardware supports (decided and logged once per device)."""
+    or, for None/"auto", what the hardware supports (decided and logged once per device). A forced "scaled_mm"
+    on a device without FP8 matrix multiply is a ``ValueError`` (``check_forced_scaled_mm``)."""
     device = torch.device(device)
     if override not in (None, "auto"):
         if override not in COMPUTE_MODES:
             raise ValueError(f"FP8 compute mode must be one of {COMPUTE_MODES}, got {override!r}")
         if override == "scaled_mm":
-            ok, why = fp8_matmul_support(device)
-            if not ok:
-                raise ValueError(f"FP8 compute 'scaled_mm' was asked for, but {why} has no FP8 matrix multiply; "
-                                 "use 'auto' or 'upcast'.")
+            check_forced_scaled_mm(device)
         return override
     key = _key(device)
     if key not in _mode_cache:
@@ -255,6 +276,7 @@ class FP8Linear(nn.Module):
         shape = () if granularity == "tensor" else (out_features, 1)
         self.register_buffer("scale_weight", torch.ones(shape, dtype=torch.float32, device=device))
         self.mode: str | None = None
+        self.cpu_kernel = False  # a forced "scaled_mm" may run on torch's CPU kernel (tests, benchmarks)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str = "tensor") -> "FP8Linear":
@@ -272,7 +294,12 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale_weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.mode if self.mode not in (None, "auto") else fp8_compute_mode(x.device)
+        if self.mode in (None, "auto"):
+            mode = fp8_compute_mode(x.device)
+        else:
+            mode = self.mode
+            if mode == "scaled_mm":  # forced: the device must be able to (a cached look-up after the first call)
+                check_forced_scaled_mm(x.device, self.cpu_kernel)
         if mode == "scaled_mm" and self.weight.dtype == E4M3:
             return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -283,14 +310,20 @@ class FP8Linear(nn.Module):
                 f"{str(self.weight.dtype).removeprefix('torch.')}, per-{self.granularity} scale")
 
 
-def set_fp8_compute(model: nn.Module, mode: str | None) -> int:
+def set_fp8_compute(model: nn.Module, mode: str | None, *, cpu_kernel: bool = False) -> int:
     """Force every ``FP8Linear`` of ``model`` to ``mode`` ("auto"/None, "scaled_mm", "upcast"); returns how many.
-    A forced "scaled_mm" is checked against the device at the first forward (``fp8_compute_mode``)."""
+
+    A forced "scaled_mm" is checked against the device each layer computes on at its first forward there
+    (``check_forced_scaled_mm``: a ``ValueError`` for a device without FP8 matrix multiply), and right away for
+    the devices the FP8 weights already sit on (not meta, not CPU: a CPU-resident model may compute elsewhere
+    under block swap). ``cpu_kernel`` accepts torch's CPU kernel too (error measurements, not speed)."""
     if mode not in (None,) + COMPUTE_MODES:
         raise ValueError(f"FP8 compute mode must be one of {COMPUTE_MODES}, got {mode!r}")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, FP8Linear):
-            m.mode = None if mode == "auto" else mode
-            n += 1
-    return n
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    if mode == "scaled_mm":
+        for device in {m.weight.device for m in layers} - {torch.device("meta"), torch.device("cpu")}:
+            check_forced_scaled_mm(device, cpu_kernel)
+    for m in layers:
+        m.mode = None if mode == "auto" else mode
+        m.cpu_kernel = cpu_kernel
+    return len(layers)

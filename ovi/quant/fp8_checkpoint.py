@@ -15,7 +15,11 @@ Layouts read (all keep norms, biases and modulation tables in bf16/fp32):
   naming the format, scale granularity and source variant.
 
 Effective weight = ``weight.float() * scale_weight``; a scale is a scalar ([] or [1]) or one per output row
-([out] or [out, 1]).
+([out] or [out, 1]), stored as float32, float16 or bfloat16, finite and positive; a weight with a scale is FP8.
+Anything else (an int32 scale, a NaN or zero scale, a bf16 weight beside a scale, a malformed marker, FP8 header
+metadata that disagrees with the tensors) is a ``CheckpointError`` naming the key, raised when the layout is
+detected (the scale values by ``check_scale_values``, which reads them), before a model is built or an output
+written.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ MARKER = "scaled_fp8"
 SCALE = ".scale_weight"
 _SCALE_ALIASES = (".weight_scale",)
 _IGNORED_SUFFIXES = (".scale_input", ".input_scale")
+
+# Scale dtypes the known writers use (ComfyUI, WanVideoWrapper and ours store float32; half types are harmless).
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The scaled_fp8 marker's values are unused (ComfyUI writes an empty tensor); more than one element is no marker.
+_MARKER_MAX_NUMEL = 1
 
 FORMAT_KEY = "ovi.quant.format"
 GRANULARITY_KEY = "ovi.quant.granularity"
@@ -105,18 +114,43 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
     scales on some FP8 weights but not others, or FP8 header metadata in an unknown format."""
     metadata = metadata or {}
     fmt = metadata.get(FORMAT_KEY)
-    if fmt is not None and fmt != FORMAT_FP8 and fmt.startswith("fp8"):
+    if fmt is not None and fmt != FORMAT_FP8:
         raise CheckpointError(path, f"header metadata {FORMAT_KEY}={fmt!r} names an FP8 format this version does "
                                     f"not read (known: {FORMAT_FP8}). Convert the file again with this version.")
-    marker = next((s for k, s in sources.items() if k == MARKER or k.endswith("." + MARKER)), None)
+    gran_meta = metadata.get(GRANULARITY_KEY)
+    if gran_meta is not None and gran_meta not in _META_GRANULARITIES:
+        raise CheckpointError(path, f"header metadata {GRANULARITY_KEY}={gran_meta!r} is not a scale granularity "
+                                    f"({', '.join(_META_GRANULARITIES)}); the header metadata is corrupt — "
+                                    "re-convert the file.")
+    markers = [(k, s) for k, s in sources.items() if k == MARKER or k.endswith("." + MARKER)]
+    for k, s in markers:
+        if s.dtype not in FP8_DTYPES or _numel(s.shape) > _MARKER_MAX_NUMEL:
+            raise CheckpointError(path, f"malformed {MARKER} marker {k}: {_describe(s)}; the marker is an empty "
+                                        "FP8 tensor whose dtype names the weights' format. The file is corrupt.")
+    marker = markers[0][1] if markers else None
     plain = strip_fp8_extras(sources)
+    named = {(_scale_key(k) or k): k for k in sources}  # the names as stored, for the messages
+    _check_scale_tensors(sources, plain, named, path)
     fp8 = {k: s for k, s in plain.items() if s.dtype in FP8_DTYPES}
     if not fp8:
         if marker is not None or any(k.endswith(SCALE) for k in plain):
             raise CheckpointError(path, "unknown FP8 layout: the file has a scaled_fp8 marker or scale_weight "
                                         "tensors but no FP8 weights. It is corrupt or in a format this loader "
                                         "does not know; use a bf16 file or convert it with `python -m ovi convert`.")
+        if fmt is not None or gran_meta is not None:
+            raise CheckpointError(path, f"header metadata {FORMAT_KEY if fmt is not None else GRANULARITY_KEY} says "
+                                        "FP8, but the file holds no FP8 weights; the header metadata is corrupt — "
+                                        "re-convert the file or remove the metadata.")
         return None
+    if marker is not None and marker.dtype not in {s.dtype for s in fp8.values()}:
+        raise CheckpointError(path, f"malformed {MARKER} marker: it names {_dtype_name(marker.dtype)}, but the FP8 "
+                                    f"weights are {', '.join(sorted({_dtype_name(s.dtype) for s in fp8.values()}))}.")
+    not_float = [k for k, s in plain.items() if k.endswith(".weight") and not s.dtype.is_floating_point]
+    if not_float:
+        k = not_float[0]
+        raise CheckpointError(path, f"{named.get(k, k)} is {_dtype_name(plain[k].dtype)}; in an FP8 file a weight is "
+                                    "FP8 (quantised layers) or a float dtype. The file is corrupt or in a format this "
+                                    "loader does not know.")
     dtypes = {s.dtype for s in fp8.values()}
     if len(dtypes) > 1:
         raise CheckpointError(path, "unknown FP8 layout: the file mixes float8_e4m3fn and float8_e5m2 weights.")
@@ -140,7 +174,10 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
         raise CheckpointError(path, f"unknown FP8 layout: {len(orphan)} scale tensors have no weight (first: "
                               f"{orphan[0]}). The file is incomplete or in a format this loader does not know.")
     granularity = "none" if not scaled else (grans.pop() if len(grans) == 1 else "mixed")
-    if fmt == FORMAT_FP8 or metadata.get(GRANULARITY_KEY):
+    if gran_meta is not None and gran_meta != granularity:
+        raise CheckpointError(path, f"header metadata {GRANULARITY_KEY}={gran_meta!r}, but the scales are "
+                                    f"{granularity}; the header metadata is corrupt — re-convert the file.")
+    if fmt == FORMAT_FP8 or gran_meta:
         name = "ovi"
     elif not scaled:
         name = "official-plain"
@@ -149,6 +186,64 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
     else:
         name = "kj-scaled"
     return Fp8Layout(name, dtypes.pop(), granularity, len(fp8), metadata.get(SOURCE_KEY))
+
+
+_META_GRANULARITIES = ("tensor", "channel")  # what the converter writes under GRANULARITY_KEY
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(s: TensorSource) -> str:
+    return f"{_dtype_name(s.dtype)} {list(s.shape)}"
+
+
+def _check_scale_tensors(sources: Mapping[str, TensorSource], plain: Mapping[str, TensorSource],
+                         named: Mapping[str, str], path) -> None:
+    """From the header alone: every scale (weight scales and the ignored input scales) is a float tensor, and a
+    weight scale sits beside an FP8 weight."""
+    for k, s in sources.items():
+        if k.endswith(_IGNORED_SUFFIXES) and s.dtype not in SCALE_DTYPES:
+            raise CheckpointError(path, f"{k} is {_dtype_name(s.dtype)}; a scale is "
+                                        f"{'/'.join(map(_dtype_name, SCALE_DTYPES))}. The file is corrupt.")
+    for k, s in plain.items():
+        if not k.endswith(SCALE):
+            continue
+        if s.dtype not in SCALE_DTYPES:
+            raise CheckpointError(path, f"{named.get(k, k)} is {_dtype_name(s.dtype)}; a weight scale is "
+                                        f"{'/'.join(map(_dtype_name, SCALE_DTYPES))} (an integer scale would "
+                                        "multiply the layer by its raw bits). The file is corrupt.")
+        w = plain.get(k[: -len(SCALE)] + ".weight")
+        if w is not None and w.dtype not in FP8_DTYPES:
+            raise CheckpointError(path, f"{k[: -len(SCALE)]}.weight is {_dtype_name(w.dtype)}, but has a scale "
+                                        f"{named.get(k, k)} beside it: in a scaled FP8 file a scaled weight is FP8. "
+                                        "The file is corrupt or mixes two formats.")
+
+
+def check_scale_values(sources: Mapping[str, TensorSource], path) -> None:
+    """Raise ``CheckpointError`` naming the first weight scale (``scale_weight`` / ``weight_scale``) of a file's
+    ``sources`` that is not finite and > 0. Reads the scales (a few kB to a few MB in all); ``detect_fp8_layout``
+    has checked their dtypes and shapes from the header."""
+    for k, s in sources.items():
+        if not (k.endswith(SCALE) or _scale_key(k)):
+            continue
+        t = s.load()
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = t[~finite].reshape(-1)[0].item()
+            raise CheckpointError(path, f"{k} holds {bad}; a weight scale is finite and > 0. The file is corrupt.")
+        if not bool((t > 0).all()):
+            bad = t[t <= 0].reshape(-1)[0].item()
+            raise CheckpointError(path, f"{k} holds {bad}; a weight scale is finite and > 0 (zero "
+                                        "erases the layer, a negative one flips it). The file is corrupt.")
 
 
 def _scalar_or_rows(scale: torch.Tensor, gran: str) -> torch.Tensor:
