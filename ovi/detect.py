@@ -229,6 +229,10 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         quant = fp8_layout.summary()
     if fmt != "gguf" and not component.startswith("fusion"):
         stored = {}  # FP8 text encoders are dequantised at load
+    if component.startswith("fusion"):  # our ovi.config / ovi.variant, checked (against the shapes in one file)
+        from .fusion.metadata import check_fusion_metadata
+
+        check_fusion_metadata(meta, p, shapes if component == "fusion" and fmt != "gguf" else None)
     if CONFIG_METADATA_KEY in meta and component.startswith("fusion"):
         layout += "; config in header metadata (converted by this package)"
     info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),
