@@ -8,7 +8,6 @@ that contradicts the metadata or an exact known name is an error; nothing falls 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
@@ -279,14 +278,11 @@ def _inspect_spiece(p: Path, size: int) -> FileInfo:
 def _read_meta(path: Path) -> dict[str, str]:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return {}
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > path.stat().st_size:
-                return {}
-            header = json.loads(f.read(n))
-        return dict(header.get("__metadata__") or {})
-    except (OSError, ValueError, UnicodeDecodeError):
+    from .safetensors_header import read_header
+
+    try:  # the validating reader: a malformed header says nothing about the variant
+        return dict(read_header(path).metadata)
+    except CheckpointError:
         return {}
 
 

@@ -9,7 +9,6 @@ loader and one error report.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import zipfile
@@ -131,16 +130,6 @@ class DerivedSource(TensorSource):
         return self.fn(*(s.load() for s in self.inputs))
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
-    _ST_DTYPES["F8_E5M2"] = torch.float8_e5m2
-
-
 class CheckpointReader:
     """Random access to the tensors of one checkpoint file.
 
@@ -172,70 +161,75 @@ class CheckpointReader:
 
     # -- formats -----------------------------------------------------------------------------
     def _open_safetensors(self) -> None:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
-        size = self.path.stat().st_size
+        from .safetensors_header import read_header
+
+        header = read_header(self.path)  # CheckpointError for anything malformed, before any tensor exists
         try:
-            with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or n > size - 8:
-                    raise CheckpointError(self.path, f"not a valid safetensors file (header length {n} "
-                                                     f"in a {size}-byte file): truncated or not safetensors.")
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + n + end > size:
-                raise CheckpointError(
-                    self.path, f"truncated: the header describes {8 + n + end:,} bytes but the file has "
-                               f"{size:,}. The download or copy did not finish; fetch the file again.")
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        except CheckpointError:
-            raise
-        except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(self.path, f"unreadable safetensors file ({e}); it is corrupt or truncated. "
-                                             "Fetch the file again.") from e
-        self.metadata = dict(self._handle.metadata() or {})
-        for key, info in header.items():
-            if key == "__metadata__" or not key.startswith(self.prefix):
-                continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(self.path, f"tensor {key!r} has dtype {info['dtype']}, which this loader "
-                                                 "does not read.")
-            self._sources[key[len(self.prefix):]] = _SafetensorsSource(self._handle, key, tuple(info["shape"]), dtype)
+        except Exception as e:  # SafetensorError, OSError: a file that changed under us or a rule we do not check
+            raise CheckpointError(self.path, f"unreadable safetensors file ({_first_line(e)}); it is corrupt or "
+                                             "truncated. Fetch the file again.") from e
+        self.metadata = dict(header.metadata)
+        for key, entry in header.entries.items():
+            if key.startswith(self.prefix):
+                self._sources[key[len(self.prefix):]] = _SafetensorsSource(self._handle, key, entry.shape,
+                                                                           entry.dtype)
 
     def _open_torch(self, entry) -> None:
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                self.path, "refused: the file contains pickled Python objects beyond plain tensors, and loading "
-                           "it would execute code. Use a plain state-dict checkpoint (or a .safetensors file). "
-                           f"({str(e).splitlines()[0]})") from e
-        except RuntimeError as e:
-            if "mmap" in str(e) or "zip" in str(e).lower():
-                try:  # legacy (non-zip) torch files cannot be memory-mapped
-                    obj = torch.load(self.path, map_location="cpu", weights_only=True)
-                except pickle.UnpicklingError as e2:
-                    raise CheckpointError(self.path, "refused: pickled Python objects in the file.") from e2
-                except Exception as e2:
-                    raise CheckpointError(self.path, f"unreadable torch file ({e2}); it is corrupt or "
-                                                     "truncated. Fetch the file again.") from e2
-            else:
-                raise CheckpointError(self.path, f"unreadable torch file ({e}); it is corrupt or truncated. "
-                                                 "Fetch the file again.") from e
-        except (EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise CheckpointError(self.path, f"unreadable torch file ({e}); it is corrupt or truncated. "
-                                             "Fetch the file again.") from e
+        obj = self._torch_load()
         entries = [entry] if isinstance(entry, str) else list(entry or [])
         for name in entries:
             if isinstance(obj, Mapping) and name in obj and isinstance(obj[name], Mapping):
                 obj = obj[name]
                 break
         if not isinstance(obj, Mapping):
-            raise CheckpointError(self.path, f"expected a state dict, found {type(obj).__name__}.")
+            raise CheckpointError(self.path, f"expected a state dict, found {type(obj).__name__}. Use a plain "
+                                             "state-dict checkpoint (or a .safetensors file).")
         for key, value in obj.items():
-            if isinstance(value, torch.Tensor) and str(key).startswith(self.prefix):
-                self._sources[str(key)[len(self.prefix):]] = _TensorSource(value)
+            # nested dicts, step counters, config strings: not weights, and nothing later code should see
+            if not isinstance(value, torch.Tensor) or not str(key).startswith(self.prefix):
+                continue
+            name = str(key)[len(self.prefix):]
+            if value.layout != torch.strided or value.is_quantized or value.is_meta:
+                raise CheckpointError(self.path, f"tensor {name!r} is a {value.layout} "
+                                                 f"{'quantized ' if value.is_quantized else ''}tensor"
+                                                 f"{' without data (meta)' if value.is_meta else ''}; only plain "
+                                                 "dense tensors are read. Re-save the checkpoint as a plain state "
+                                                 "dict.")
+            if name in self._sources:
+                raise CheckpointError(self.path, f"two entries are named {name!r} once their keys are read as "
+                                                 "text; the checkpoint is ambiguous. Re-save it with string keys.")
+            self._sources[name] = _TensorSource(value)
+
+    def _torch_load(self) -> object:
+        """``torch.load`` with ``weights_only=True``; every way a hostile or broken file fails becomes a
+        ``CheckpointError`` (torch raises anything from AssertionError to UnicodeDecodeError on bad bytes)."""
+        try:
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e).lower():
+                    raise
+            # legacy (non-zip) torch files cannot be memory-mapped
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Unsupported global" in str(e):
+                raise CheckpointError(
+                    self.path, "refused: the file contains pickled Python objects beyond plain tensors, and "
+                               "loading it would execute code. Use a plain state-dict checkpoint (or a "
+                               f".safetensors file). ({_unpickler_detail(e)})") from e
+            raise CheckpointError(self.path, "refused: pickled Python objects or pickle instructions that a plain "
+                                             "state dict does not use; the file is corrupt or not a plain torch "
+                                             f"checkpoint. ({_unpickler_detail(e)})") from e
+        except MemoryError as e:
+            raise CheckpointError(self.path, "unreadable torch file: it declares more data than fits in memory; it "
+                                             "is corrupt or not a plain state dict. Fetch the file again.") from e
+        except Exception as e:
+            what = type(e).__name__ + (f": {_first_line(e)}" if str(e).strip() else "")
+            raise CheckpointError(self.path, f"unreadable torch file ({what}); it is corrupt or truncated. Fetch the "
+                                             "file again.") from e
 
     # -- access ------------------------------------------------------------------------------
     def sources(self) -> dict[str, TensorSource]:
@@ -265,6 +259,19 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line, for one-line error messages (torch's can run to a page)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what it met (its first line is generic advice)."""
+    lines = [line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line or "Unsupported" in line]
+    # torch goes on to explain how to allow-list the global: not advice for a file from a stranger
+    return (lines[-1].split(" was not an allowed global")[0] if lines else _first_line(e))[:200]
 
 
 def _numel(shape) -> int:
@@ -371,8 +378,9 @@ def load_into_module(module: nn.Module, sources: Mapping[str, TensorSource], *, 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Header metadata of a safetensors file ({} for other formats), without reading tensors."""
+    from .safetensors_header import read_header
+
     p = Path(path)
     if p.suffix.lower() != ".safetensors":
         return {}
-    with CheckpointReader(p) as r:
-        return dict(r.metadata)
+    return dict(read_header(p).metadata)  # validated whole: CheckpointError for a malformed header

@@ -21,14 +21,10 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .atomic_write import AtomicOutput
 from .loading import CheckpointError, TensorSource
+from .safetensors_header import DTYPE_NAMES as ST_DTYPE_NAMES, read_header
 
-ST_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-_ST_DTYPES = {v: k for k, v in ST_DTYPE_NAMES.items()}
 _OWN_MAPPING = 1 << 20  # bytes
 
 
@@ -129,29 +125,16 @@ class StreamingReader:
 
     def __init__(self, path: str | os.PathLike, *, prefix: str = ""):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        self._f = open(self.path, "rb")
+        header = read_header(self.path)  # CheckpointError for anything malformed, before any tensor exists
+        self._base = header.data_start
+        self.metadata: dict[str, str] = dict(header.metadata)
+        self._info: dict[str, tuple[str, tuple[int, ...], torch.dtype, int, int]] = {
+            key[len(prefix):]: (key, e.shape, e.dtype, e.start, e.end)
+            for key, e in header.entries.items() if key.startswith(prefix)}
         try:
-            n = int.from_bytes(self._f.read(8), "little")
-            if n <= 0 or n > size - 8:
-                raise CheckpointError(self.path, f"not a valid safetensors file (header length {n}).")
-            header = json.loads(self._f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            self._f.close()
-            raise CheckpointError(self.path, f"unreadable safetensors header ({e}).") from e
-        self._base = 8 + n
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
-        self._info: dict[str, tuple[str, tuple[int, ...], torch.dtype, int, int]] = {}
-        for key, info in header.items():
-            if not key.startswith(prefix):
-                continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(self.path, f"tensor {key!r} has dtype {info['dtype']}, which is not read.")
-            start, end = info["data_offsets"]
-            if self._base + end > size:
-                raise CheckpointError(self.path, f"truncated: tensor {key!r} ends past the end of the file.")
-            self._info[key[len(prefix):]] = (key, tuple(info["shape"]), dtype, start, end)
+            self._f = open(self.path, "rb")
+        except OSError as e:
+            raise CheckpointError(self.path, f"cannot read the file ({e}).") from e
 
     def sources(self) -> dict[str, TensorSource]:
         return {k: _ReadSource(self, k, shape, dtype) for k, (_, shape, dtype, _, _) in self._info.items()}
