@@ -3,16 +3,16 @@
 The LATENT is a plain ComfyUI latent dict, so core latent plumbing (reroutes, caches, previews of "samples")
 passes it through: ``samples`` is the video latent [1, 48, F, h, w]; ``ovi_audio`` the audio latent [1, L, 20];
 ``ovi`` a dict of metadata (variant, seed, frame size, mode, prompt and settings) the decoder needs.
+The file format, its checks and the atomic save live in ``ovi.latent_file``: a latent, from a file or from
+another node, is checked whole before anything runs, and a save is complete or absent.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-AUDIO_KEY = "ovi_audio"
+AUDIO_KEY = "ovi_audio"  # = ovi.latent_file.AUDIO_KEY (not imported here: importing the nodes imports no torch)
 META_KEY = "ovi"
-FILE_META_KEY = "ovi.latent"  # safetensors header metadata: the JSON of the ``ovi`` dict
 LATENT_DIR = "latents"  # under the output folder; OviLoadLatent also lists files saved there
 
 
@@ -26,19 +26,20 @@ def to_latent(result) -> dict:
 
 
 def from_latent(latent) -> object:
-    """LATENT -> an engine GenerationResult for ``OviEngine.decode``; a clear error for any other latent."""
+    """LATENT -> an engine GenerationResult for ``OviEngine.decode``; a clear error for any other latent,
+    or for an Ovi latent whose shapes, metadata or values a decode would trip over (``LatentError``)."""
     from ..ovi.engine import GenerationResult
+    from ..ovi.latent_file import VAE_SPATIAL_STRIDE, check_latent
 
     if not isinstance(latent, dict) or AUDIO_KEY not in latent or META_KEY not in latent:
         raise ValueError("this LATENT is not an Ovi latent (it has no audio latent): connect the output of "
                          "OviSampler or OviLoadLatent.")
-    video, audio, meta = latent["samples"], latent[AUDIO_KEY], latent[META_KEY]
-    if video.dim() != 5 or video.shape[0] != 1 or audio.dim() != 3 or audio.shape[0] != 1:
-        raise ValueError(f"an Ovi latent holds one clip: video [1, 48, F, h, w] and audio [1, L, 20], got "
-                         f"{list(video.shape)} and {list(audio.shape)}")
+    video, audio, meta = latent.get("samples"), latent[AUDIO_KEY], latent[META_KEY]
+    check_latent(video, audio, meta)
     return GenerationResult(video_latent=video[0].float(), audio_latent=audio[0].float(),
-                            height=int(meta.get("height", video.shape[-2] * 16)),
-                            width=int(meta.get("width", video.shape[-1] * 16)), variant=meta["variant"],
+                            height=int(meta.get("height", video.shape[-2] * VAE_SPATIAL_STRIDE)),
+                            width=int(meta.get("width", video.shape[-1] * VAE_SPATIAL_STRIDE)),
+                            variant=meta["variant"],
                             seed=int(meta.get("seed", 0)), mode=meta.get("mode", "t2av"),
                             prompt=meta.get("prompt", ""), settings=dict(meta.get("settings", {})))
 
@@ -76,19 +77,24 @@ class OviSaveLatent:
 
     def save(self, latent, filename_prefix):
         import folder_paths
-        from safetensors.torch import save_file
+
+        from ..ovi.atomic_write import named_error
+        from ..ovi.latent_file import write_latent_file
+        from ..ovi.log import log
 
         result = from_latent(latent)  # validates before anything is written
         out = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out)
-        os.makedirs(folder, exist_ok=True)
         file = f"{name}_{counter:05}_.safetensors"
-        tensors = {"samples": latent["samples"].contiguous().cpu(), AUDIO_KEY: latent[AUDIO_KEY].contiguous().cpu()}
-        meta = {FILE_META_KEY: json.dumps(latent[META_KEY]), "format": "pt"}
-        save_file(tensors, os.path.join(folder, file), metadata=meta)
-        from ..ovi.log import log
-
-        log.info("saved the %s latent (seed %d) to %s", result.variant, result.seed, os.path.join(folder, file))
+        path = os.path.join(folder, file)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise named_error(e, path) from e
+        # a temporary file beside it, fsynced and renamed: a full disk or an interrupt leaves neither a
+        # truncated latent nor the temporary file, and the error names the file
+        write_latent_file(path, latent["samples"], latent[AUDIO_KEY], latent[META_KEY])
+        log.info("saved the %s latent (seed %d) to %s", result.variant, result.seed, path)
         return {"ui": {"latents": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
 
 
@@ -125,17 +131,8 @@ class OviLoadLatent:
         return True
 
     def load(self, latent):
-        from safetensors import safe_open
+        from ..ovi.latent_file import read_latent_file
 
-        path = self._path(latent)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            if FILE_META_KEY not in meta or not {"samples", AUDIO_KEY} <= keys:
-                raise ValueError(f"{latent} is not an Ovi latent file (saved by OviSaveLatent): it lacks "
-                                 f"{'the ' + FILE_META_KEY + ' metadata' if FILE_META_KEY not in meta else 'tensors'}"
-                                 f" (it has {', '.join(sorted(keys)) or 'no tensors'}).")
-            out = {"samples": f.get_tensor("samples"), AUDIO_KEY: f.get_tensor(AUDIO_KEY),
-                   META_KEY: json.loads(meta[FILE_META_KEY])}
-        from_latent(out)  # same checks as for a sampler's output
-        return (out,)
+        # the whole file is checked here, as untrusted input, so a bad file fails now and not after a decode
+        video, audio, meta = read_latent_file(self._path(latent))
+        return ({"samples": video, AUDIO_KEY: audio, META_KEY: meta},)

@@ -6,8 +6,10 @@
     python -m ovi download --variant 960x960_10s --dest ckpts
     python -m ovi convert --to fp8 ckpts/Ovi/model_960x960_10s.safetensors model_960x960_10s_fp8.safetensors
 
-Ctrl-C during ``generate`` stops after the current step (a second Ctrl-C aborts at once); the exit status is
-then 130 and no mp4 is written.
+Ctrl-C, SIGTERM or SIGHUP during ``generate`` stops after the current step (a second one aborts at once); during
+``convert`` it stops at once. The exit status is then 130 and no output file is written, nor any temporary file
+(``ovi.atomic_write``). A run killed outright (SIGKILL, a power cut) can leave a temporary
+``.<name>.ovi-<pid>-<hex>.partial`` beside its output; the next run writing to that folder removes it and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from .atomic_write import sweep_stale
 from .log import log
 
 # The official inference config's negatives (the engine's own defaults are empty, as officially in generate()).
@@ -57,31 +60,43 @@ class _Bar:
         self.done = done >= total
 
 
-class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks the engine to stop at the next check, the second aborts at once."""
+# Stop requests: Ctrl-C, a service manager's or `kill`'s SIGTERM, and SIGHUP (the terminal closed) alike.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
-    def __init__(self):
+
+class _StopFlag:
+    """Handler of the stop signals: the first asks the engine to stop at the next check, the second aborts at
+    once (KeyboardInterrupt). ``immediate``: the first aborts at once (commands with no step to finish)."""
+
+    def __init__(self, immediate: bool = False):
         self.event = threading.Event()
-        self.previous = None
+        self.immediate = immediate
+        self.previous: dict[int, object] = {}
 
     def __call__(self) -> bool:
         return self.event.is_set()
 
     def _handler(self, signum, frame) -> None:
-        if self.event.is_set():
+        if self.event.is_set() or self.immediate:
+            self.event.set()
             raise KeyboardInterrupt
         self.event.set()
-        sys.stderr.write("\n")
-        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
+        try:
+            sys.stderr.write("\n")
+            log.warning("%s: stopping after the current step (again to abort at once)", signal.Signals(signum).name)
+        except (OSError, ValueError):
+            pass  # SIGHUP: the terminal may be gone; stopping matters, not the message
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous.clear()
 
 
 class _OneOrTwo(argparse.Action):
@@ -169,6 +184,7 @@ def _generate(a: argparse.Namespace, stop: _StopFlag) -> int:
         raise ValueError(f"--out must name an .mp4 file, got {a.out}")
     if not a.out.parent.is_dir():
         raise ValueError(f"the output folder {a.out.parent} does not exist")
+    sweep_stale(a.out.parent)  # temporary files of killed earlier runs (logged); the mp4 writer would, too, but late
     engine = OviEngine.from_dir(a.models, fusion=a.fusion, variant=a.variant, device=a.device,
                                 dtype=parse_dtype(a.dtype), memory_mode=a.memory_mode, block_swap=a.block_swap,
                                 attention=a.attention, vae_dtype=a.vae_dtype, tile_size=a.tile_size,
@@ -213,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         from .convert import main_convert
 
         with _logging("-v" in argv[:k] or "--verbose" in argv[:k], "-q" in argv[:k] or "--quiet" in argv[:k]):
-            return int(main_convert(argv[k + 1:]) or 0)
+            with _StopFlag(immediate=True):
+                try:
+                    return int(main_convert(argv[k + 1:]) or 0)
+                except KeyboardInterrupt:
+                    sys.stderr.write("\n")
+                    log.warning("interrupted; no file written")
+                    return EXIT_INTERRUPTED
     a = _parser().parse_args(argv)
     with _logging(a.verbose, a.quiet):
         if a.command == "info":
@@ -227,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write("\n")
                 log.warning("interrupted; no video written")
                 return EXIT_INTERRUPTED
-            except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+            except (ValueError, FileNotFoundError, TypeError, RuntimeError, OSError) as e:
                 log.debug("generate failed", exc_info=True)
-                print(f"error: {e}", file=sys.stderr)
-                return 1 if isinstance(e, RuntimeError) else 2
+                print(f"error: {e}", file=sys.stderr)  # a full disk: "cannot write clip.mp4 into ...: No space ..."
+                return 2 if isinstance(e, (ValueError, FileNotFoundError, TypeError)) else 1
 
 
 @contextlib.contextmanager

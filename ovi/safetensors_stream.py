@@ -3,7 +3,8 @@ reads tensors with plain file reads instead of a memory map.
 
 The writer takes the names, shapes and dtypes of every tensor up front, writes the header with all the
 offsets, then the tensors one at a time in that order, so peak memory is the largest tensor, not the file.
-It writes to ``<dst>.partial`` and renames on success, so an interrupted run leaves no truncated file behind.
+It writes through ``atomic_write.AtomicOutput`` (a hidden ``.<dst>.ovi-<pid>-<hex>.partial`` beside it, fsynced
+and renamed on success, removed on any failure), so an interrupted run leaves no truncated file behind.
 
 The reader matters for converters: pages of a memory-mapped file that were read stay in the process's
 resident set until the kernel reclaims them, so walking a 23 GB checkpoint through ``safe_open`` shows up as
@@ -68,10 +69,9 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the tensor data starts 8-byte aligned
         self.data_bytes = offset
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self._f = open(self.tmp, "wb")
-        self._f.write(len(raw).to_bytes(8, "little"))
-        self._f.write(raw)
+        self._out = AtomicOutput(self.path)
+        self.tmp = self._out.tmp
+        self._out.write(len(raw).to_bytes(8, "little") + raw)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -82,22 +82,19 @@ class StreamingWriter:
             raise ValueError(f"expected {want} {list(shape)} {dtype} next, got {name} {list(tensor.shape)} "
                              f"{tensor.dtype}")
         if tensor.numel():
-            self._f.write(_raw(tensor))
+            self._out.write(_raw(tensor))  # a failed write removes the file and names the destination
         self._next += 1
 
     def close(self) -> None:
-        if self._f.closed:
+        if self._out.done:
             return
-        self._f.close()
         if self._next != len(self.entries):
-            self.tmp.unlink(missing_ok=True)
+            self._out.abort()
             raise ValueError(f"only {self._next} of {len(self.entries)} declared tensors were written")
-        os.replace(self.tmp, self.path)
+        self._out.commit()
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> "StreamingWriter":
         return self

@@ -2,9 +2,10 @@
 
 One ffmpeg process does everything in a single pass: raw RGB frames arrive on stdin, the 16-bit PCM
 waveform on a second pipe (an extra file descriptor, fed from a thread), and the mp4 is written to a
-hidden name beside the target, then renamed over it, so an error or an interrupt never leaves a broken
-file at the target path. Platforms without ``pass_fds`` (Windows) get the PCM through a hidden file
-beside the target instead, removed whatever happens.
+hidden name beside the target, then fsynced and renamed over it (``atomic_write.AtomicOutput``), so an
+error or an interrupt never leaves a broken file at the target path, nor the temporary one. Platforms
+without ``pass_fds`` (Windows) get the PCM through a hidden file beside the target instead, removed
+whatever happens.
 
 Choices that differ from the official ``save_video`` (moviepy): the audio stays at its native rate
 (moviepy resamples to 44.1 kHz), the default CRF is 18 rather than x264's 23, and the RGB -> YUV
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import threading
@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .atomic_write import AtomicOutput, named_error, temp_path
 from .log import log
 
 DEFAULT_CRF = 18
@@ -187,7 +188,7 @@ def write_mp4(
         log.info(f"{w}x{h} is odd; padding to {ew}x{eh} by repeating the edge (yuv420p needs even sizes)")
 
     exe = ffmpeg_exe()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    out: AtomicOutput | None = None
     pcm_file: Path | None = None
     proc = None
     read_fd = write_fd = None
@@ -195,11 +196,8 @@ def write_mp4(
     feed_errors: list = []
     threads: list[threading.Thread] = []
     try:
-        try:
-            open(tmp, "xb").close()  # fail now, clearly, on a missing or read-only directory
-        except OSError as e:
-            tmp = None
-            raise type(e)(e.errno, f"cannot write {path.name} into {path.parent}: {e.strerror}") from None
+        out = AtomicOutput(path, keep_open=False)  # fails now, naming the file, on a missing or read-only folder
+        tmp = out.tmp
         rate = Fraction(fps).limit_denominator(1001)
         cmd = [exe, "-hide_banner", "-loglevel", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{ew}x{eh}", "-framerate", str(rate), "-i", "pipe:0"]
@@ -209,8 +207,11 @@ def write_mp4(
                 read_fd, write_fd = os.pipe()
                 src, pass_fds = f"pipe:{read_fd}", (read_fd,)
             else:
-                pcm_file = path.with_name(f".{path.name}.{secrets.token_hex(4)}.pcm")
-                pcm.tofile(pcm_file)
+                pcm_file = temp_path(path, ".pcm")
+                try:
+                    pcm.tofile(pcm_file)
+                except OSError as e:
+                    raise named_error(e, path) from e
                 src = str(pcm_file)
             cmd += ["-f", "s16le", "-ar", str(sample_rate), "-ac", "1", "-i", src]
         cmd += ["-map", "0:v:0", "-vf", "scale=out_color_matrix=bt709:out_range=tv,format=yuv420p",
@@ -244,32 +245,34 @@ def write_mp4(
             proc.wait()
             for th in threads:
                 th.join()
-            raise _fail(f"ffmpeg stopped while writing {path.name}", tail) from None
+            raise _fail(f"ffmpeg stopped while writing {path}", tail) from None
         rc = proc.wait()
         for th in threads:
             th.join()
         if rc != 0:
-            raise _fail(f"ffmpeg failed ({rc}) writing {path.name}", tail)
+            raise _fail(f"ffmpeg failed ({rc}) writing {path}", tail)
         if feed_errors:
-            raise _fail(f"ffmpeg did not read the whole audio track for {path.name}: {feed_errors[0]}", tail)
-        os.replace(tmp, path)
-        tmp = None
+            raise _fail(f"ffmpeg did not read the whole audio track for {path}: {feed_errors[0]}", tail)
+        out.commit()  # fsync, then the rename; a failure there removes the temporary file and names the target
     finally:
-        for fd in (read_fd, write_fd):
-            if fd is not None:
-                os.close(fd)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc is not None and proc.stdin and not proc.stdin.closed:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-        for th in threads:
-            th.join(timeout=5)
-        _unlink(tmp)
-        _unlink(pcm_file)
+        try:
+            for fd in (read_fd, write_fd):
+                if fd is not None:
+                    os.close(fd)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc is not None and proc.stdin and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            for th in threads:
+                th.join(timeout=5)
+        finally:  # even when a second interrupt lands in the cleanup above
+            if out is not None:
+                out.abort()  # a no-op after the commit; otherwise the unfinished file goes, whatever stopped us
+            _unlink(pcm_file)
     secs = t / fps
     log.info(f"wrote {path} ({ew}x{eh}, {t} frames, {secs:.2f} s"
              + (f", audio {pcm.size / sample_rate:.2f} s" if pcm is not None else ", no audio") + ")")

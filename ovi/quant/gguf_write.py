@@ -16,11 +16,13 @@ dequantised with their scales to float32 before quantising, so their FP8 roundin
 scales and the ``scaled_fp8`` marker are not written.
 
 The header is written from the shapes alone, then each tensor is read, quantised and appended, so memory
-holds one tensor (plus its temporaries) at a time. The output appears under its name only when complete.
+holds one tensor (plus its temporaries) at a time. The output appears under its name only when complete
+(``atomic_write.AtomicOutput``: a hidden temporary file beside it, removed on any failure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from ..loading import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError, CheckpointReader, TensorSource
+from ..atomic_write import AtomicOutput
 from ..log import log
 from .fp8_checkpoint import SOURCE_KEY, dequantised_sources
 from .gguf_dequant import PLAIN, Q, block_sizes
@@ -221,41 +224,42 @@ def convert_gguf(src: str | os.PathLike | Sequence[str | os.PathLike], dst: str 
     opened = _open(paths, target, variant)
     try:
         plans = [(plan_tensor(name, s.shape, s.dtype, target, opened.hiprec), s) for name, s in opened.named.items()]
-        tmp = dst.with_name(dst.name + ".part")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(str(tmp), opened.arch)
-        try:
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_string("general.name", paths[0].stem if len(paths) == 1 else dst.stem)
-            writer.add_string("ovi.component", opened.component)
-            writer.add_string("ovi.quantization", target.name)
-            for key, value in opened.fields.items():
-                writer.add_string(key, value)
-            for p, _ in plans:
-                if p.stored != p.shape:
-                    writer.add_array(ORIG_SHAPE_KEY + p.name, list(p.shape))
-                if p.qtype in (Q.F32, Q.F16):
-                    writer.add_tensor_info(p.name, p.stored, np.dtype(np.float32 if p.qtype == Q.F32 else np.float16),
-                                           p.nbytes)
-                else:
-                    block, size = block_sizes(p.qtype)
-                    byte_shape = (*p.stored[:-1], p.stored[-1] // block * size)
-                    writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for i, (p, s) in enumerate(plans):
-                writer.write_tensor_data(_encode(s.load(), p, device))
-                if progress is not None:
-                    progress(i + 1, len(plans), p.name)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        writer.close()
+        # gguf's writer opens the file by name: it fills the temporary file, which appears at dst only once
+        # complete, fsynced and renamed; any failure (a full disk, an interrupt) removes it and names dst.
+        with AtomicOutput(dst, keep_open=False) as out:
+            writer = gguf.GGUFWriter(str(out.tmp), opened.arch)
+            try:
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                writer.add_string("general.name", paths[0].stem if len(paths) == 1 else dst.stem)
+                writer.add_string("ovi.component", opened.component)
+                writer.add_string("ovi.quantization", target.name)
+                for key, value in opened.fields.items():
+                    writer.add_string(key, value)
+                for p, _ in plans:
+                    if p.stored != p.shape:
+                        writer.add_array(ORIG_SHAPE_KEY + p.name, list(p.shape))
+                    if p.qtype in (Q.F32, Q.F16):
+                        np_dtype = np.dtype(np.float32 if p.qtype == Q.F32 else np.float16)
+                        writer.add_tensor_info(p.name, p.stored, np_dtype, p.nbytes)
+                    else:
+                        block, size = block_sizes(p.qtype)
+                        byte_shape = (*p.stored[:-1], p.stored[-1] // block * size)
+                        writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for i, (p, s) in enumerate(plans):
+                    writer.write_tensor_data(_encode(s.load(), p, device))
+                    if progress is not None:
+                        progress(i + 1, len(plans), p.name)
+            except BaseException:
+                with contextlib.suppress(OSError):  # the disk may still be full; the failure is already known
+                    writer.close()
+                raise
+            writer.close()  # flushes: a full disk shows here, inside the block, and aborts the output
     finally:
         opened.close()
-    os.replace(tmp, dst)
     counts: dict[str, int] = {}
     for p, _ in plans:
         counts[p.qtype.name] = counts.get(p.qtype.name, 0) + 1
