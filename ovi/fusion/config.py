@@ -59,7 +59,8 @@ class ConfigError(ValueError):
 
 
 def _type_name(v: Any) -> str:
-    return "a bool" if isinstance(v, bool) else f"a {type(v).__name__}"
+    name = "bool" if isinstance(v, bool) else type(v).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _is_int(v: Any) -> bool:
