@@ -239,10 +239,10 @@ def check_scale_values(sources: Mapping[str, TensorSource], path) -> None:
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             bad = t[~finite].reshape(-1)[0].item()
-            raise CheckpointError(path, f"{k} holds {bad}; a weight scale is finite and > 0. The file is corrupt.")
+            raise CheckpointError(path, f"{k} holds {bad:g}; a weight scale is finite and > 0. The file is corrupt.")
         if not bool((t > 0).all()):
             bad = t[t <= 0].reshape(-1)[0].item()
-            raise CheckpointError(path, f"{k} holds {bad}; a weight scale is finite and > 0 (zero "
+            raise CheckpointError(path, f"{k} holds {bad:g}; a weight scale is finite and > 0 (zero "
                                         "erases the layer, a negative one flips it). The file is corrupt.")
 
 
