@@ -144,33 +144,26 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
 
 
 def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[torch.dtype, int], str | None, dict,
-                                    int]:
-    try:
-        import gguf
-    except ImportError as e:
-        raise CheckpointError(path, "this is a GGUF file; reading it needs the 'gguf' package "
-                                    "(pip install gguf)") from e
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e}); it is corrupt or "
-                                    "truncated.") from e
+                                    int, dict[str, int]]:
+    # the bounded, validating header reader: a damaged or hostile header fails at once with a CheckpointError
+    from .quant.gguf_header import orig_shape, read_header
+    from .quant.gguf_load import ORIG_SHAPE_KEY
+
+    header = read_header(path, keep=lambda key: key.startswith(ORIG_SHAPE_KEY))
     keys, shapes, kinds, nbytes, stored = [], {}, {}, {}, {}
     plain = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for t in reader.tensors:
+    for t in header.tensors.values():
         keys.append(t.name)
-        shapes[t.name] = tuple(int(d) for d in reversed(list(t.shape)))
-        kind = t.tensor_type.name
-        kinds[kind] = kinds.get(kind, 0) + int(t.n_bytes)
+        shapes[t.name] = orig_shape(header, ORIG_SHAPE_KEY + t.name, t) or t.shape
+        kind = t.qtype.name
+        kinds[kind] = kinds.get(kind, 0) + t.nbytes
         if kind in plain:
-            nbytes[plain[kind]] = nbytes.get(plain[kind], 0) + int(t.n_bytes)
+            nbytes[plain[kind]] = nbytes.get(plain[kind], 0) + t.nbytes
         else:
-            stored[t.name] = int(t.n_bytes)
+            stored[t.name] = t.nbytes
     quant = sorted((k for k in kinds if k not in plain), key=lambda k: -kinds[k])
-    meta = {}
-    for name, f in reader.fields.items():
-        if name.startswith(("general.", "ovi.")) and f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            meta[name] = bytes(f.parts[-1]).decode("utf-8", "replace")
+    meta = {k: header.string(k) for k in header.fields
+            if k.startswith(("general.", "ovi.")) and header.string(k) is not None}
     return keys, shapes, nbytes, (", ".join(quant) if quant else None), meta, sum(kinds.values()), stored
 
 
@@ -218,10 +211,11 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     if not keys:
         raise CheckpointError(p, "the file holds no tensors.")
     if fmt == "gguf" and any(k.startswith("enc.blk.") for k in keys):  # llama.cpp's T5 tensor names
-        from .quant.gguf_load import official_t5_name
+        from .quant.gguf_load import official_t5_names
 
-        shapes = {official_t5_name(k): v for k, v in shapes.items()}
-        stored = {official_t5_name(k): v for k, v in stored.items()}
+        renamed = official_t5_names(p, keys)  # CheckpointError naming a tensor outside llama.cpp's T5 names
+        shapes = {renamed[k]: v for k, v in shapes.items()}
+        stored = {renamed[k]: v for k, v in stored.items()}
         keys = list(shapes)
     component, layout = _component(keys, shapes)
     if fmt != "gguf" and fp8_layout is not None and component.startswith("fusion"):

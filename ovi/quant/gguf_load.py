@@ -27,12 +27,12 @@ from torch import nn
 
 from ..fusion.config import FusionConfig
 from ..fusion.model import FusionModel
-from ..loading import (CONFIG_METADATA_KEY, GGUF_MAGIC, VARIANT_METADATA_KEY, CheckpointError, TensorSource, check_keys,
-                       meta_device)
+from ..loading import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError, TensorSource, check_keys, meta_device
 from ..log import log
 from ..text.names import LLAMA_CPP
 from ..text.umt5 import UMT5Config, UMT5Encoder
 from .gguf_dequant import PLAIN, READABLE, Q, dequantize
+from .gguf_header import TensorInfo, orig_shape, read_header, show
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 FUSION_ARCH = "ovi"
@@ -103,13 +103,15 @@ class GGUFEmbedding(nn.Module):
 # -- reading ---------------------------------------------------------------------------------------------
 
 class GGUFSource(TensorSource):
-    """One tensor of an open GGUF file; ``load`` gives dense float32, ``raw`` the block bytes."""
+    """One tensor of an open GGUF file (its layout validated by ``gguf_header``); ``load`` gives dense
+    float32, ``raw`` the block bytes."""
 
-    def __init__(self, tensor, shape: tuple[int, ...]):
-        self.tensor = tensor
-        self.qtype = Q(int(tensor.tensor_type))
+    def __init__(self, info: TensorInfo, shape: tuple[int, ...], data: np.ndarray):
+        self.info = info
+        self.qtype = info.qtype
         self.shape = shape
-        self.dtype = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(self.qtype, torch.uint8)
+        self.dtype = PLAIN.get(self.qtype, torch.uint8)
+        self._data = data  # the whole file, a read-only uint8 memory map
 
     @property
     def quantized(self) -> bool:
@@ -117,73 +119,43 @@ class GGUFSource(TensorSource):
 
     def raw(self) -> torch.Tensor:
         """The bytes as a [rows, row_bytes] uint8 tensor (a copy: the file mapping is read-only)."""
-        data = np.asarray(self.tensor.data)
-        data = data.reshape(-1, data.shape[-1] if data.ndim else 1).view(np.uint8)
+        i = self.info
+        data = self._data[i.offset:i.end].reshape(-1, i.row_bytes)
         return torch.from_numpy(np.array(data, copy=True))
 
     def load(self) -> torch.Tensor:
         return dequantize(self.raw(), self.qtype, self.shape)
 
 
-def _field(reader, name: str):
-    f = reader.fields.get(name)
-    if f is None or not f.data:
-        return None
-    import gguf
-
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    if f.types[0] == gguf.GGUFValueType.ARRAY:
-        return [f.parts[i].tolist()[0] for i in f.data]
-    return f.parts[f.data[0]].tolist()[0]
+def _kept_metadata(key: str) -> bool:
+    return key.startswith(("general.", "ovi.", ORIG_SHAPE_KEY))
 
 
 class GGUFFile:
-    """An open GGUF file: architecture, string metadata and ``{name: GGUFSource}`` with logical shapes."""
+    """An open GGUF file: architecture, string metadata and ``{name: GGUFSource}`` with logical shapes.
+
+    The header is parsed and validated by ``gguf_header.read_header`` (every count, length, type, dim and
+    offset checked against the file before use); tensors are read through one read-only memory map."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(self.path, "file not found. Check the path.")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(4)
-        if head != GGUF_MAGIC:
-            raise CheckpointError(self.path, "not a GGUF file (no GGUF magic at the start). Give a .gguf file here, "
-                                             "or load safetensors/torch files with the regular loader.")
-        try:
-            import gguf
-
-            self.reader = gguf.GGUFReader(str(self.path))
-        except ImportError as e:
-            raise CheckpointError(self.path, "reading GGUF files needs the 'gguf' package (pip install gguf).") from e
-        except Exception as e:  # the reader fails with ValueError/IndexError/... on damaged headers
-            raise CheckpointError(self.path, f"unreadable GGUF file ({type(e).__name__}: {e}): it is corrupt or "
-                                             "truncated. Fetch or convert the file again.") from e
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in self.reader.tensors), default=0)
-        if end > size:
-            raise CheckpointError(self.path, f"truncated: the tensors end at byte {end:,} but the file has {size:,}. "
-                                             "The download or conversion did not finish; fetch or convert it again.")
-        self.architecture = _field(self.reader, "general.architecture") or ""
-        self.metadata: dict[str, object] = {}
+        self.header = read_header(self.path, keep=_kept_metadata)
+        unreadable = next((t for t in self.header.tensors.values() if t.qtype not in READABLE), None)
+        if unreadable is not None:
+            raise CheckpointError(self.path, f"tensor {show(unreadable.name)} is stored as {unreadable.qtype.name}, "
+                                             f"which this loader does not read (it reads "
+                                             f"{', '.join(q.name for q in READABLE)}). Convert the model to one "
+                                             "of those types.")
+        self.architecture = self.header.string("general.architecture") or ""
+        self.metadata: dict[str, object] = {k: kv.value for k, kv in self.header.fields.items()
+                                            if k.startswith(("general.", "ovi."))}
         self.sources: dict[str, GGUFSource] = {}
-        for name in self.reader.fields:
-            if name.startswith(("general.", "ovi.")):
-                self.metadata[name] = _field(self.reader, name)
-        for t in self.reader.tensors:
-            qtype = int(t.tensor_type)
-            if Q(qtype) not in READABLE:
-                raise CheckpointError(self.path, f"tensor {t.name!r} is stored as {Q(qtype).name}, which this loader "
-                                                 f"does not read (it reads {', '.join(q.name for q in READABLE)}).")
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            orig = _field(self.reader, ORIG_SHAPE_KEY + t.name)
-            if orig is not None:
-                orig = tuple(int(d) for d in orig)
-                if int(np.prod(orig)) != int(np.prod(shape)):
-                    raise CheckpointError(self.path, f"{ORIG_SHAPE_KEY}{t.name} = {list(orig)} does not fit the "
-                                                     f"stored shape {list(shape)}: the file is corrupt.")
-                shape = orig
-            self.sources[t.name] = GGUFSource(t, shape)
+        if not self.header.tensors:
+            return
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for t in self.header.tensors.values():
+            shape = orig_shape(self.header, ORIG_SHAPE_KEY + t.name, t) or t.shape
+            self.sources[t.name] = GGUFSource(t, shape, data)
 
 
 def _replace_module(owners: dict[str, nn.Module], name: str, new: nn.Module) -> None:
@@ -295,20 +267,48 @@ def load_fusion_gguf(path: str | os.PathLike, *, device: torch.device | str = "c
 
 # -- umT5 -------------------------------------------------------------------------------------------------
 
+_NOT_ENCODER = ("encoder.embed_tokens.weight", "spiece_model")  # tied embeddings, an embedded tokenizer
+
+
+def _not_encoder(key: str) -> bool:
+    """A decoder (full T5 files), tied-embedding or tokenizer tensor: not an encoder weight, skipped."""
+    return key.startswith("dec.") or key in _NOT_ENCODER
+
+
+def official_t5_names(path, keys) -> dict[str, str]:
+    """{llama.cpp T5 name: official key} for ``keys`` of a file in llama.cpp's T5 names; the tensors that are
+    not encoder weights keep their names. ``CheckpointError`` naming the first name outside the convention."""
+    out = {}
+    for k in keys:
+        if _not_encoder(k):
+            out[k] = k
+            continue
+        try:
+            out[k] = official_t5_name(k)
+        except KeyError:
+            raise CheckpointError(path, f"tensor {show(k)} is not a umT5 encoder tensor in llama.cpp's T5 names, "
+                                        "which the other tensors of this file use (token_embd.weight, "
+                                        "enc.blk.N.attn_q.weight ... ffn_down.weight, enc.output_norm.weight). "
+                                        "Likely cause: a damaged header or a file of another model; fetch or "
+                                        "convert the file again.") from None
+    return out
+
+
 def _umt5_sources(f: GGUFFile) -> tuple[str, dict[str, GGUFSource]]:
     from ..text.checkpoint import official_key
 
     keys = set(f.sources)
-    out: dict[str, GGUFSource] = {}
     if "token_embd.weight" in keys or any(k.startswith("enc.blk.") for k in keys):
-        layout, rename = "llama.cpp T5 names", official_t5_name
-    elif "token_embedding.weight" in keys:
+        names = official_t5_names(f.path, f.sources)
+        return "llama.cpp T5 names", {names[k]: s for k, s in f.sources.items() if not _not_encoder(k)}
+    if "token_embedding.weight" in keys:
         layout, rename = "official names", (lambda k: k)
     else:
         layout, rename = "ComfyUI / transformers names", official_key
+    out: dict[str, GGUFSource] = {}
     for k, s in f.sources.items():
-        if k.startswith("dec.") or k in ("encoder.embed_tokens.weight", "spiece_model"):
-            continue  # a decoder (full T5 files) and tied / tokenizer tensors are not encoder weights
+        if _not_encoder(k):
+            continue
         try:
             out[rename(k)] = s
         except KeyError:
