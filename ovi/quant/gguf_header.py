@@ -193,15 +193,13 @@ class _Cursor:
         self.pos += n
 
 
-def _value(c: _Cursor, vtype: int, key: str, keep: bool, depth: int = 0):
-    """One value of type ``vtype``; arrays are decoded when ``keep`` and skipped (validated) otherwise."""
+def _value(c: _Cursor, vtype: int, key: str):
+    """One scalar or string value of type ``vtype`` (arrays go through ``_array``)."""
     if vtype in _SCALARS:
         return c.unpack("<" + _SCALARS[vtype][1], f"the value of {show(key)}")
     if vtype == STRING:
         return c.text(f"the string value of {show(key)}", strict=False)
-    if vtype != ARRAY:
-        raise c.fail(f"metadata {show(key)} has unknown value type {vtype} (known: 0-12)", c.pos - 4)
-    return _array(c, key, keep, depth)[0]
+    raise c.fail(f"metadata {show(key)} has unknown value type {vtype} (known: 0-12)", c.pos - 4)
 
 
 def _array(c: _Cursor, key: str, keep: bool, depth: int) -> tuple[list | None, int, int]:
@@ -321,7 +319,7 @@ def _parse(p: Path, buf, size: int, keep: Callable[[str], bool]) -> GGUFHeader:
             values, item, n = _array(c, key, keep(key), 0)
             fields[key] = KV(ARRAY, values, item, n)
         else:
-            fields[key] = KV(vtype, _value(c, vtype, key, True))
+            fields[key] = KV(vtype, _value(c, vtype, key))
     alignment = _alignment(c, fields.get(ALIGNMENT_KEY))
 
     infos = []
