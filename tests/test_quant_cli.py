@@ -49,7 +49,8 @@ def test_convert_umt5_to_gguf_and_load(tiny_dir, tmp_path):
     assert main(["convert", "--to", "gguf-q8_0", str(src), str(dst)]) == 0
     ref = load_umt5(src, dtype=torch.float32)
     got = load_umt5(dst, dtype=torch.float32)
-    ids = torch.randint(3, ref.config.vocab, (1, 16))
+    # a seeded draw: the error depends on the tokens, and an unseeded one on whichever test ran before
+    ids = torch.randint(3, ref.config.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         assert _rel(got(ids, mask), ref(ids, mask)) < 0.05
