@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..ovi.choices import CONVERT_TARGETS as TARGETS
 from ..utils.folders import FUSION_FOLDER, TEXT_FOLDER, full_path, list_files
 
 CATEGORY = "Ovi"
-TARGETS = ("fp8", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16")  # ovi.convert.TARGETS
 _SOURCES = {FUSION_FOLDER: (".safetensors", ".pt", ".pth"), TEXT_FOLDER: (".safetensors", ".pth", ".pt", ".bin")}
 _SUFFIX = {"fp8": "_fp8_e4m3fn_scaled.safetensors"}
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ovi.choices import ATTENTION_BACKENDS as ATTENTION
+from ..ovi.choices import MEMORY_MODES
 from ..ovi.variants import VARIANTS, known_file
 from ..utils.folders import AUDIO_FOLDER, FUSION_FOLDER, TEXT_FOLDER, VAE_FOLDER, full_path, list_files
 
 CATEGORY = "Ovi"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-MEMORY_MODES = ("auto", "all_gpu", "offload", "block_swap")  # ovi.engine.MEMORY_MODES
-ATTENTION = ("auto", "sdpa", "flash_attn", "sage")  # ovi.attention.BACKENDS
 GGUF_MAGIC = b"GGUF"
 
 # component key -> (what it must be (ovi.detect component), words for messages)

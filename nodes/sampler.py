@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from ..ovi.choices import AUDIO_NEGATIVE_PROMPT as AUDIO_NEGATIVE
+from ..ovi.choices import SOLVERS
+from ..ovi.choices import VIDEO_NEGATIVE_PROMPT as VIDEO_NEGATIVE
 from .latents import to_latent
 
-SOLVERS = ("unipc", "euler", "dpm++")  # ovi.sampling.schedules.SOLVERS
-# The official inference config's negatives.
-VIDEO_NEGATIVE = "jitter, bad hands, blur, distortion"
-AUDIO_NEGATIVE = "robotic, muffled, echo, distorted"
 EXAMPLE_PROMPT = ("A woman in a yellow raincoat stands on a pier at dusk, waves rolling in behind her. She smiles "
                   "and says <S>The storm is finally over.<E> Audio: waves breaking, distant gulls, a calm female "
                   "voice.")

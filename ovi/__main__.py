@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 from .atomic_write import sweep_stale
+from .choices import AUDIO_NEGATIVE_PROMPT as AUDIO_NEGATIVE
+from .choices import VIDEO_NEGATIVE_PROMPT as VIDEO_NEGATIVE
 from .log import log
 
-# The official inference config's negatives (the engine's own defaults are empty, as officially in generate()).
-VIDEO_NEGATIVE = "jitter, bad hands, blur, distortion"
-AUDIO_NEGATIVE = "robotic, muffled, echo, distorted"
 EXIT_INTERRUPTED = 130
 
 
@@ -214,14 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if head == ["download"]:
         # the download command owns its own options
         k = argv.index("download")
-        try:
-            from .download import main_download
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.download":
-                raise
-            print("error: the download command is not part of this install (ovi/download.py is missing)",
-                  file=sys.stderr)
-            return 2
+        from .download import main_download
+
         with _logging("-v" in argv[:k] or "--verbose" in argv[:k], "-q" in argv[:k] or "--quiet" in argv[:k]):
             return int(main_download(argv[k + 1:]) or 0)
     if head == ["convert"]:

@@ -28,9 +28,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .choices import ATTENTION_BACKENDS as BACKENDS
 from .log import log
-
-BACKENDS = ("auto", "sdpa", "flash_attn", "sage")
 
 # bf16 output rounding alone is ~4e-3 relative; flash kernels also round p to bf16 before p·v. Sage's int8 q·k is
 # coarser still: its bound is a sanity check that the kernel is wired right, not a claim of equivalence.

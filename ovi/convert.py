@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .choices import CONVERT_TARGETS as TARGETS
+from .choices import GGUF_TARGETS
 from .loading import CONFIG_METADATA_KEY, FP8_DTYPES, VARIANT_METADATA_KEY, CheckpointError, TensorSource
 from .log import log
 from .quant.fp8 import E4M3, GRANULARITIES, dequantise_fp8, quantise_fp8
@@ -37,8 +39,6 @@ from .quant.fp8_checkpoint import (FORMAT_FP8, FORMAT_KEY, GRANULARITY_KEY, MARK
 from .safetensors_stream import StreamingWriter
 
 DEFAULT_GRANULARITY = "tensor"  # per-channel measured no better (benchmarks/quant.py), and scalars are what ComfyUI reads
-GGUF_TARGETS = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16", "gguf-bf16")
-TARGETS = ("fp8",) + GGUF_TARGETS
 
 
 def _plan(sources: dict[str, TensorSource], granularity: str, out_dtype: torch.dtype):

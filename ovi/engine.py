@@ -15,7 +15,10 @@ Memory modes (``EngineOptions.memory_mode``):
 * ``block_swap``: the fusion model stays in pinned host memory and a layer swapper (``ovi/block_swap.py``, or
   ``EngineOptions.block_swapper``) keeps ``block_swap`` fused layers resident and streams the rest; the other
   components behave as in ``offload``.
-* ``auto``: picks one of the above from the free device memory and the variant, and logs why.
+* ``auto``: picks one of the above from the free device memory and the variant, and logs why (the thresholds
+  are the ``FREE_MEMORY_BUDGET`` ... ``SWAP_LAYERS_IN_FLIGHT`` constants below). The CPU gets ``all_gpu`` (the
+  weights are in host memory either way). An accelerator whose free memory cannot be read gets ``offload``
+  with a warning naming the device; set the mode explicitly to choose otherwise.
 
 A swapper implements ``attach(model, device) -> model`` (called with the host-resident fusion model before
 diffusion; returns the model to run, whose ``prepare``/``finish`` weights are on the device),
@@ -44,6 +47,8 @@ from torch import nn
 from . import memory
 from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import make_attention
+from .block_swap import BlockSwapper
+from .choices import MEMORY_MODES
 from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, resolve_variant
 from .loading import CheckpointError
 from .log import log
@@ -54,10 +59,28 @@ from .residency import ComponentSlot, module_tensors
 from .sizes import resolve_frame_size  # noqa: F401  (part of the engine API)
 from .text.checkpoint import find_tokenizer_source
 from .variants import Variant, get_variant
+from .video_io import write_mp4
 
-MEMORY_MODES = ("auto", "all_gpu", "offload", "block_swap")
 DEFAULT_SEED = 100  # the official generate() default
 Progress = Callable[[int, int], None]
+
+# -- the auto memory policy (``OviEngine._choose_mode``): how a plan is sized against the free device memory ------
+# Share of the reported free memory a plan may fill: the rest absorbs allocator fragmentation, the CUDA/ROCm
+# context's growth once kernels load, and what other processes allocate meanwhile.
+FREE_MEMORY_BUDGET = 0.92
+# The activation estimate counts the named per-token buffers only; norms, RoPE, dtype casts and the kernels'
+# workspaces add temporaries of about half that again at the peak.
+ACTIVATION_MARGIN = 1.5
+# dim-wide buffers per token alive at once in a fused layer: the stream, its modulated norm, q, k, v, the
+# attention output and its projection, the cross-attention query and output, the residual sum, and the
+# modulation's shift and scale.
+TOKEN_BUFFERS_PER_DIM = 12
+# block_swap: besides the resident layers, the layer being computed and the next one being copied in (the
+# swapper prefetches one layer ahead) occupy the device.
+SWAP_LAYERS_IN_FLIGHT = 2
+# An accelerator whose free memory cannot be read gets the mode that holds at most one component on the device
+# at a time, never all_gpu (the hungriest): a warning says so, and an explicit memory_mode overrides it.
+UNKNOWN_FREE_MEMORY_MODE = "offload"
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
@@ -285,7 +308,7 @@ class OviEngine:
         v = self.variant
         tokens = v.video_latent_length * v.target_area // (32 * 32) + v.audio_latent_length
         it = torch.empty((), dtype=self.dtype).element_size()
-        return int(tokens * (ffn + 12 * dim) * it * 1.5)
+        return int(tokens * (ffn + TOKEN_BUFFERS_PER_DIM * dim) * it * ACTIVATION_MARGIN)
 
     def _choose_mode(self) -> tuple[str, int, str]:
         o = self.options
@@ -298,9 +321,13 @@ class OviEngine:
             return "all_gpu", 0, "the device is the CPU, so every component stays in host memory"
         info = memory.device_free(self.device)
         if info is None:
-            return "all_gpu", 0, "free memory of this device is unknown; keeping everything resident"
+            why = (f"the free memory of {self.device} cannot be read, so the plan cannot be sized: each component "
+                   f"goes on the device only for its phase; set memory_mode='all_gpu' (or 'block_swap') to "
+                   f"choose yourself")
+            log.warning("memory mode %s on %s: %s", UNKNOWN_FREE_MEMORY_MODE, self.device, why)
+            return UNKNOWN_FREE_MEMORY_MODE, 0, why
         free = info[0]
-        budget = 0.92 * free
+        budget = FREE_MEMORY_BUDGET * free
         gib = lambda n: f"{n / memory.GiB:.1f} GiB"  # noqa: E731
         fusion = self._slots["fusion"].host_bytes(self.dtype)
         rest = sum(self._slots[k].host_bytes(self.dtype) for k in ("text_encoder", "video_vae", "audio"))
@@ -312,8 +339,7 @@ class OviEngine:
             return "offload", 0, (f"the fusion model ({gib(fusion)}) and activations (~{gib(act)}) fit in "
                                   f"{gib(free)} free, but not with the other components ({gib(rest)})")
         layer, other, layers, _, _ = self._fusion_sizes()
-        # two layers in flight for the prefetch, besides the resident ones
-        n = int((budget - act - (other + 2 * layer)) // max(layer, 1))
+        n = int((budget - act - (other + SWAP_LAYERS_IN_FLIGHT * layer)) // max(layer, 1))
         n = max(0, min(layers - 1, n))
         return "block_swap", n, (f"the fusion model ({gib(fusion)}) does not fit in {gib(free)} free with "
                                  f"activations (~{gib(act)}); {n} of {layers} layers stay resident")
@@ -321,16 +347,6 @@ class OviEngine:
     def _make_swapper(self):
         if self.options.block_swapper is not None:
             return self.options.block_swapper
-        try:
-            from .block_swap import BlockSwapper
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.block_swap":
-                raise
-            if self.device.type == "cpu":
-                log.info("block_swap on the CPU: the layers already live in host memory and run in place")
-                return None
-            raise RuntimeError("memory mode block_swap needs ovi/block_swap.py, which this install lacks; use "
-                               "memory_mode='offload'") from None
         return BlockSwapper(resident=self.resident_layers)
 
     # -- component access ------------------------------------------------------------------------------
@@ -663,12 +679,6 @@ class OviEngine:
 
     def save_mp4(self, clip: DecodedClip, path: str | os.PathLike, **kw) -> Path:
         """Write ``clip`` as H.264 + AAC (``ovi.video_io.write_mp4``; keywords pass through)."""
-        try:
-            from .video_io import write_mp4
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.video_io":
-                raise
-            raise RuntimeError("writing mp4 needs ovi/video_io.py, which this install lacks") from None
         # uint8 by truncation of (x + 1) / 2 * 255, as the official writer maps the frames
         frames = (clip.frames * 255.0).to(torch.uint8)
         return write_mp4(path, frames, clip.waveform, fps=clip.fps, sample_rate=clip.sample_rate, **kw)

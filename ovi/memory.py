@@ -35,7 +35,7 @@ def _accelerator() -> torch.device | None:
         dev = acc.current_accelerator()
         try:
             index = acc.current_device_index()
-        except Exception:  # MPS has a single device and older builds no index query
+        except (RuntimeError, AttributeError):  # MPS has a single device and older builds no index query
             index = None
         return torch.device(dev.type, index) if index is not None and dev.type != "mps" else torch.device(dev.type)
     if torch.cuda.is_available():  # PyTorch without torch.accelerator; torch.cuda also serves ROCm builds
@@ -70,19 +70,32 @@ def device_description(device: torch.device) -> str:
     return str(device)
 
 
+_unreadable_warned: set[str] = set()
+
+
 def device_free(device: torch.device) -> tuple[int, int] | None:
-    """(free, total) bytes of the device's memory; None on the CPU (see ``available_ram``)."""
+    """(free, total) bytes of the device's memory; None on the CPU (see ``available_ram``) and on an accelerator
+    whose free memory this PyTorch cannot report: no ``torch.accelerator.get_memory_info`` (before 2.9), or a
+    backend that refuses the query (RuntimeError; ValueError for a device it does not know). That case is logged
+    as a warning once per device, naming the device and the error; the engine's auto mode then picks a safe mode.
+    """
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)
     if device.type == "cpu":
         return None
     acc = getattr(torch, "accelerator", None)
     fn = getattr(acc, "get_memory_info", None) if acc is not None else None
-    if fn is not None:
+    if fn is None:
+        problem = f"this PyTorch ({torch.__version__}) has no torch.accelerator.get_memory_info"
+    else:
         try:
-            return tuple(fn(device))  # type: ignore[return-value]
-        except Exception:
-            return None
+            free, total = fn(device)
+            return int(free), int(total)
+        except (RuntimeError, ValueError) as e:  # c10 errors (unsupported backend) arrive as RuntimeError
+            problem = f"torch.accelerator.get_memory_info failed: {type(e).__name__}: {e}"
+    if str(device) not in _unreadable_warned:
+        _unreadable_warned.add(str(device))
+        log.warning("free memory of %s cannot be read (%s)", device, problem)
     return None
 
 

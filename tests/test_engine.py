@@ -14,6 +14,7 @@ import torch
 
 from ovi import memory
 from ovi.attention import AttentionBackendError
+from ovi.block_swap import BlockSwapper, _CloneCopier
 from ovi.detect import describe_variant, inspect_file, resolve_variant
 from ovi.engine import (EngineOptions, Interrupted, MissingComponentError, OviEngine, resolve_frame_size)
 from ovi.image import first_frame_size, resize_bicubic
@@ -174,16 +175,60 @@ class RecordingSwapper:
         self.calls.append(("detach",))
 
 
-@pytest.mark.parametrize("options", [dict(memory_mode="offload"), dict(memory_mode="block_swap", block_swap=1),
-                                     dict(memory_mode="auto"), dict(memory_mode="offload", cpu_copy=False)],
-                         ids=["offload", "block_swap", "auto", "offload_no_copy"])
-def test_memory_modes_give_identical_latents(tiny_dir, run_720, options):
-    engine = _engine(tiny_dir, **options)
+class CountingCopier(_CloneCopier):
+    """The block swapper's host -> device copier on one device: every streamed layer is really copied (cloned)
+    into the model for its compute and the master put back after, as on a GPU; each ``start`` is one layer."""
+
+    made: list["CountingCopier"] = []
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.layers_copied = 0
+        self.bytes_copied = 0
+        CountingCopier.made.append(self)
+
+    def start(self, tensors):
+        self.layers_copied += 1
+        self.bytes_copied += sum(t.numel() * t.element_size() for t in tensors)
+        return super().start(tensors)
+
+
+def _streaming_swapper(resident: int) -> BlockSwapper:
+    swapper = BlockSwapper(resident=resident, copier=CountingCopier)
+    swapper.trace = []
+    return swapper
+
+
+# case: (engine options, the mode it must run, streamed-layer copies per generate (block swap only))
+# The tiny model has 2 fused layers and GEN runs 2 steps, each a positive pass over every layer and a negative
+# pass without the SLG layer 1.
+MODE_CASES = {
+    "offload": (lambda: dict(memory_mode="offload"), "offload", None),
+    "offload_no_copy": (lambda: dict(memory_mode="offload", cpu_copy=False), "offload", None),
+    # nothing resident: layers 0 and 1 streamed in the positive pass, layer 0 in the negative one
+    "block_swap": (lambda: dict(memory_mode="block_swap", block_swapper=_streaming_swapper(0)), "block_swap", 6),
+    # auto with a resident-layer count resolves to block_swap: layer 1 streamed, in the positive pass only
+    "auto_to_block_swap": (lambda: dict(memory_mode="auto", block_swap=1, block_swapper=_streaming_swapper(1)),
+                           "block_swap", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODE_CASES))
+def test_memory_modes_give_identical_latents(tiny_dir, run_720, case):
+    make_options, mode, copies = MODE_CASES[case]
+    CountingCopier.made.clear()
+    engine = _engine(tiny_dir, **make_options())
+    assert engine.memory_mode == mode != run_720.engine.memory_mode == "all_gpu"  # not the baseline again
     r = engine.generate(PROMPT, **GEN)
     assert torch.equal(r.video_latent, run_720.result.video_latent)
     assert torch.equal(r.audio_latent, run_720.result.audio_latent)
-    if engine.memory_mode != "all_gpu":
-        assert engine.fusion_model is None and engine.text_encoder is None  # device copies only for their phase
+    assert engine.fusion_model is None and engine.text_encoder is None  # device copies only for their phase
+    if copies is not None:
+        (copier,) = CountingCopier.made  # one attach per generate
+        assert copier.layers_copied == copies and copier.bytes_copied > 0
+        trace = engine.options.block_swapper.trace
+        streamed = [i for op, i in trace if op == "fetch"]
+        assert len(streamed) == copies and streamed == [i for op, i in trace if op == "evict"]
 
 
 def test_block_swap_uses_the_given_swapper(tiny_dir, run_720):
@@ -207,31 +252,74 @@ def test_offload_interrupt_leaves_nothing_on_device(tiny_dir):
     assert engine.fusion_model is None and engine.text_encoder is None
 
 
-def test_auto_mode_policy(tiny_dir, monkeypatch):
+# free bytes the fake accelerator reports -> (mode, resident layers) auto must choose. The sizes are faked (see
+# test_auto_mode_policy): fusion model 122_000 B (30 layers of 4000 B + 2000 B outside them), the other
+# components 16_000 B, activations 10_000 B. The documented rule, with 92% of the free memory as the budget:
+# all_gpu when everything and the activations fit (148_000 B: from 160_870 B free), offload when the fusion model
+# and the activations fit (132_000 B: from 143_479 B free), else block_swap with as many layers resident as fit
+# beside the activations, the 2000 B outside the layers and 2 layers in flight.
+AUTO_CASES = [
+    (10 ** 9, "all_gpu", 0),
+    (160_870, "all_gpu", 0),
+    (160_869, "offload", 0),
+    (143_479, "offload", 0),
+    (143_478, "block_swap", 27),  # budget 131_999 B: 27 layers (108_000 B) + 20_000 B
+    (99_000, "block_swap", 17),   # budget 91_080 B
+    (25_000, "block_swap", 0),    # budget 23_000 B: room for the in-flight layers only
+    (10_000, "block_swap", 0),    # not even that: everything streams
+]
+
+
+def test_auto_mode_policy(tiny_dir, monkeypatch, caplog):
     """The auto choice on an accelerator, from the free memory the device reports (all sizes faked: a 30-layer
     model of 4-byte weights, 1000 per layer, 500 outside the layers, 10 kB of activations)."""
     e = _engine(tiny_dir)
+    assert e.memory_mode == "all_gpu" and "the device is the CPU" in e._choose_mode()[2]
     layer, other, layers, _, _ = e._fusion_sizes()
     assert (layers, 2 * layer + other) == (2, e._slots["fusion"].host_bytes(e.dtype)) and e._activation_bytes() > 0
-    e.device = SimpleNamespace(type="cuda")
+    e.device = torch.device("cuda", 0)  # only its type is read: nothing is allocated on it
     monkeypatch.setattr(e, "_fusion_sizes", lambda: (4000, 2000, 30, 0, 0))
     monkeypatch.setattr(e, "_activation_bytes", lambda: 10_000)
     for name, n in (("fusion", 30_500), ("text_encoder", 2000), ("video_vae", 1000), ("audio", 1000)):
-        e._slots[name].numel = n
+        e._slots[name].numel, e._slots[name].stored_bytes = n, 0
     assert e.dtype == torch.float32
 
     def free(n):
-        monkeypatch.setattr(memory, "device_free", lambda device: (int(n), int(2 * n)))
+        monkeypatch.setattr(memory, "device_free", lambda device: (n, 2 * n))
         return e._choose_mode()
 
-    assert free((122_000 + 16_000 + 10_000) / 0.92 + 1)[0] == "all_gpu"
-    mode, _, why = free((122_000 + 10_000) / 0.92 + 1)
-    assert mode == "offload" and "not with the other components" in why
-    mode, n, why = free((10_000 + (500 + 2 * 1000) * 4 + 5 * 4000) / 0.92 + 1)
-    assert (mode, n) == ("block_swap", 5) and "5 of 30 layers stay resident" in why
-    assert free(10_000)[:2] == ("block_swap", 0)
-    e.options.block_swap = 3
+    chosen = [(n, *free(n)[:2]) for n, _, _ in AUTO_CASES]
+    assert chosen == AUTO_CASES
+    assert "not with the other components" in free(143_479)[2]
+    assert "27 of 30 layers stay resident" in free(143_478)[2]
+
+    # free memory that cannot be read: offload, never all_gpu, and a warning that says so
+    monkeypatch.setattr(memory, "device_free", lambda device: None)
+    with caplog.at_level("WARNING", logger="ovi"):
+        mode, n, why = e._choose_mode()
+    assert (mode, n) == ("offload", 0) and "cannot be read" in why
+    assert any(r.levelname == "WARNING" and "memory mode offload on cuda:0" in r.getMessage() for r in caplog.records)
+    e.options.memory_mode = "all_gpu"  # the user's explicit choice stands
+    assert e._choose_mode()[:2] == ("all_gpu", 0)
+    e.options.memory_mode, e.options.block_swap = "auto", 3
     assert e._choose_mode()[:2] == ("block_swap", 3)
+
+
+def test_unreadable_accelerator_memory_is_reported(monkeypatch, caplog):
+    """An accelerator whose free memory PyTorch cannot report: device_free answers None and warns, naming the
+    device and the error, once per device."""
+    def refuse(device=None):
+        raise RuntimeError("getMemoryInfo is not implemented for this backend")
+
+    monkeypatch.setattr(torch.accelerator, "get_memory_info", refuse)
+    monkeypatch.setattr(memory, "_unreadable_warned", set())
+    with caplog.at_level("WARNING", logger="ovi"):
+        assert memory.device_free(torch.device("xpu", 0)) is None
+        assert memory.device_free(torch.device("xpu", 0)) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "xpu:0" in warned[0] and "not implemented for this backend" in warned[0], warned
+    monkeypatch.setattr(torch.accelerator, "get_memory_info", lambda device=None: (7 * 2 ** 30, 8 * 2 ** 30))
+    assert memory.device_free(torch.device("xpu", 0)) == (7 * 2 ** 30, 8 * 2 ** 30)
 
 
 # -- I2AV ------------------------------------------------------------------------------------------------

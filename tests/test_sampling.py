@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -20,14 +18,8 @@ def test_scheduler_fixture(parity_dir, name):
     assert res.status == "PASS", res.detail
 
 
-def _fusion_ready() -> bool:
-    return importlib.util.find_spec("ovi.fusion.model") is not None
-
-
 @pytest.mark.parametrize("name", SAMPLING_FIXTURES)
 def test_sampling_fixture(parity_dir, name):
-    if not _fusion_ready():
-        pytest.fail("ovi.fusion.model is missing: the sampling fixtures need the fusion model")
     res = run_file(parity_dir / f"{name}.safetensors")
     assert res.status == "PASS", res.detail
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -17,9 +16,6 @@ from ovi.variants import (FP8_ONLY_MESSAGE, KNOWN_FILES, VARIANTS, get_variant, 
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
-
-HAVE_PROMPTS = importlib.util.find_spec("ovi.text.prompts") is not None
-
 
 # --- fixtures through the parity runner -------------------------------------------------------------------
 
@@ -43,7 +39,6 @@ def test_variants_fixture_spec_and_size_cases(parity_dir):
         assert ok, (c["args"], msg)
 
 
-@pytest.mark.skipif(not HAVE_PROMPTS, reason="ovi.text.prompts not written yet")
 def test_variants_fixture_whole_file(parity_dir):
     r = parity.run_file(parity_dir / "variants.json")
     assert r.status == "PASS", r.detail

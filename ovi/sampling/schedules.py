@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SOLVERS = ("unipc", "euler", "dpm++")
+from ..choices import SOLVERS
+
 _ALIASES = {"dpmpp": "dpm++", "dpm": "dpm++", "dpmsolver++": "dpm++"}
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -49,6 +49,9 @@ function isLoopback(u) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// Resolves once the page has painted two more frames: the canvas has drawn what was just loaded or changed
+// (a condition, where a fixed pause would be too short on a busy machine).
+const painted = (page) => page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
 
 async function main(args, summary, state) {
   const t0 = Date.now();
@@ -94,9 +97,9 @@ async function main(args, summary, state) {
       else await window.app.loadApiJson(wf, name);
     }, { wf, name });
   } else {
-    // The default graph arrives a moment after the app object; wait for it, but not forever.
+    // The default graph arrives a moment after the app object; wait for it (the summary reports what loaded).
     await page.waitForFunction(() => (window.app.graph._nodes || []).length > 0, null,
-      { timeout: Math.min(15000, left()), polling: 100 }).catch(() => {});
+      { timeout: left(), polling: 100 }).catch(() => {});
   }
   if (args.fit) {
     summary.fit = await page.evaluate(async () => {
@@ -106,7 +109,7 @@ async function main(args, summary, state) {
       } catch (e) { return String(e); }
     });
   }
-  await sleep(300); // let the canvas draw the loaded graph once
+  await painted(page); // the canvas has drawn the loaded graph
   mark('graph_loaded');
 
   const graph = await page.evaluate(async () => {
@@ -135,10 +138,12 @@ async function main(args, summary, state) {
     mark('prompt_done');
   }
   // Dialogs (missing nodes, errors) would cover the graph in the picture; the summary already lists them.
-  for (let i = 0; i < 3 && await page.locator('.p-dialog').count(); i++) {
+  for (let i = 0, open; i < 3 && (open = await page.locator('.p-dialog').count()); i++) {
     await page.keyboard.press('Escape');
-    await sleep(150);
+    await page.waitForFunction((n) => document.querySelectorAll('.p-dialog').length < n, open,
+      { timeout: left(), polling: 50 }).catch(() => {});
   }
+  await painted(page);
   await page.screenshot({ path: args.screenshot, timeout: left() });
   summary.screenshot = path.resolve(args.screenshot);
   mark('screenshot');
@@ -147,10 +152,10 @@ async function main(args, summary, state) {
 async function runFromUi(page, args, left) {
   const res = { clicked: false };
   const isPromptPost = (r) => r.request().method() === 'POST' && /\/prompt$/.test(new URL(r.url()).pathname);
-  const posted = page.waitForResponse(isPromptPost, { timeout: Math.min(20000, left()) });
+  const posted = page.waitForResponse(isPromptPost, { timeout: left() });
   posted.catch(() => {});
   const button = page.locator('button:has-text("Run")').first();
-  await button.click({ timeout: Math.min(15000, left()) });
+  await button.click({ timeout: left() });
   res.clicked = true;
   let resp;
   try { resp = await posted; } catch (e) {
@@ -180,14 +185,15 @@ async function runFromUi(page, args, left) {
     await sleep(100);
   }
   if (!res.status) { res.status = 'timeout'; return res; }
-  // Give the frontend a bounded moment to show what the prompt produced before the screenshot.
-  const wantsImages = Object.values(res.outputs).some((o) => o.images && o.images.length);
+  // Wait for the frontend to show the pictures the prompt produced (videos are not shown as node images).
+  const isPicture = (e) => /\.(png|jpe?g|webp)$/i.test(e.filename || '');
+  const wantsImages = Object.values(res.outputs).some((o) => (o.images || []).some(isPicture));
   if (wantsImages) {
     const shown = () => (window.app.graph._nodes || []).some((n) => n.imgs && n.imgs.length);
-    res.ui_shows_images = await page.waitForFunction(shown, null, { timeout: Math.min(5000, left()), polling: 100 })
+    res.ui_shows_images = await page.waitForFunction(shown, null, { timeout: left(), polling: 100 })
       .then(() => true, () => false);
   }
-  await sleep(300);
+  await painted(page);
   return res;
 }
 

@@ -3,6 +3,9 @@
 ``tools/comfy_env.sh`` (``make comfy-env``) installs the pieces: the ComfyUI tree under ``.cache/comfyui``, its
 Python deps in ``.venv``, Debian's chromium and playwright-core under ``.cache/node``. Everything here talks to
 127.0.0.1 only, never through a proxy, and every wait has a deadline.
+
+Waits are on conditions (a history entry, a log line, an answered request), never on time: their deadlines are
+``WAIT_BOUND``, a bound against a hung server that no healthy run comes near, even on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -31,9 +34,22 @@ NODE_MODULES = Path(os.environ.get("OVI_NODE_MODULES") or ROOT / ".cache" / "nod
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or "/usr/bin/chromium"
 BROWSER_JS = Path(__file__).with_name("browser.js")
 
+# Deadline of every wait on the server, the browser or a helper process. A tiny prompt takes well under a second
+# on an idle machine and some tens of seconds on two cores busy with other work; this only ends a hung run.
+WAIT_BOUND = 900.0
+# One HTTP request to the loopback server: the server answers in milliseconds, but a busy prompt worker holds
+# the GIL, so under load an answer can take seconds.
+REQUEST_BOUND = 120.0
+
 PACK_NAMES = ("ComfyUI-Ovi", "comfyui-ovi")  # the pack must work under either folder name
 AUDIO_MODEL_FOLDER = "mmaudio"  # models/<this> holds the MMAudio VAE + BigVGAN files
 OPTIONAL_IMPORTS = ("flash_attn", "sageattention", "gguf")
+
+# A process told to stop (SIGTERM) gets this long before SIGKILL; the server needs ~1 s, Chromium a few.
+STOP_BOUND = 60.0
+# A prompt of two core nodes that costs nothing: the server's own queue is what ``settle`` waits on.
+SETTLE_PROMPT = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 
 # Keeps the first-run "Templates" dialog and the Nodes 2.0 switch off the canvas in browser runs.
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Notification.ShowVersionUpdates": False,
@@ -69,7 +85,7 @@ def setup_problem(comfy_dir: Path = COMFY_DIR, python: str = COMFY_PYTHON) -> st
         missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
     else:
         code = f"import importlib.util as u; print(','.join(m for m in {_SERVER_MODULES!r} if u.find_spec(m) is None))"
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=WAIT_BOUND)
         if out.returncode:
             return f"{python} failed: {out.stderr.strip()[-500:]}"
         missing = [m for m in out.stdout.strip().split(",") if m]
@@ -106,7 +122,7 @@ def free_port() -> int:
 
 
 def _request(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None,
-             timeout: float = 30.0) -> tuple[int, bytes]:
+             timeout: float = REQUEST_BOUND) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with _HTTP.open(req, timeout=timeout) as r:
@@ -254,7 +270,7 @@ class ComfyServer:
         return root / entry.get("subfolder", "") / entry["filename"]
 
     # -- life cycle ------------------------------------------------------------------------------------
-    def start(self, timeout: float = 90.0) -> "ComfyServer":
+    def start(self, timeout: float = WAIT_BOUND) -> "ComfyServer":
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)  # ComfyUI crashes without it
         if not self.pack_link.is_symlink():
             self.pack_link.symlink_to(self.pack_dir.resolve(), target_is_directory=True)
@@ -297,10 +313,10 @@ class ComfyServer:
                 raise ComfyError(f"ComfyUI exited with code {self.proc.returncode} during start\n"
                                  f"--- log tail ---\n{self.log_tail()}")
             try:
-                status, _ = _request(self.url + "/system_stats", timeout=2.0)
+                status, _ = _request(self.url + "/system_stats", timeout=REQUEST_BOUND)
                 if status == 200:
                     return
-            except (OSError, urllib.error.URLError):
+            except (OSError, urllib.error.URLError):  # not listening yet: refused at once
                 pass
             if time.monotonic() > deadline:
                 raise ComfyError(f"ComfyUI did not answer /system_stats within {timeout:.0f} s\n"
@@ -308,19 +324,20 @@ class ComfyServer:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        """SIGTERM to the process this object started (it exits in ~1 s), SIGKILL to its own session after 10 s."""
+        """SIGTERM to the process this object started (it exits in ~1 s), SIGKILL to its own session when it has
+        not exited within STOP_BOUND."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(STOP_BOUND)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # its own session, made by start_new_session
             except ProcessLookupError:
                 pass
-            proc.wait(10)
+            proc.wait()
 
     @property
     def alive(self) -> bool:
@@ -354,7 +371,7 @@ class ComfyServer:
         return bad
 
     # -- HTTP ------------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body=None, timeout: float = 30.0) -> tuple[int, object]:
+    def request(self, method: str, path: str, body=None, timeout: float = REQUEST_BOUND) -> tuple[int, object]:
         """(HTTP status, parsed JSON or text). `body` is JSON-encoded unless it is bytes."""
         data, headers = body, {}
         if body is not None and not isinstance(body, bytes):
@@ -362,7 +379,7 @@ class ComfyServer:
         status, raw = _request(self.url + path, data=data, headers=headers, method=method, timeout=timeout)
         return status, _json_or_text(raw)
 
-    def get(self, path: str, timeout: float = 30.0):
+    def get(self, path: str, timeout: float = REQUEST_BOUND):
         status, body = self.request("GET", path, timeout=timeout)
         if status != 200:
             raise ComfyError(f"GET {path} -> {status}: {str(body)[:2000]}")
@@ -391,17 +408,39 @@ class ComfyServer:
         if status != 200:
             raise ComfyError(f"/interrupt -> {status}: {body}")
 
-    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
-        """POST /free. It only raises flags: the prompt worker thread acts on them right after (or after the
-        running prompt), so callers that measure memory must poll for the effect."""
+    def free(self, unload_models: bool = True, free_memory: bool = True, settle: bool = True) -> None:
+        """POST /free, and with ``settle`` (the default) return only once the server has acted on it.
+
+        /free only raises flags, one per option, each with a wake-up of the prompt worker. The worker reads the
+        flags after each prompt and when a wake-up finds it idle; a wake-up that arrives while it is between
+        those points is lost, so a flag can wait for the next prompt. That happens when the worker reads the
+        first flag before the second is raised, which a busy machine makes likely. ``settle`` queues that next
+        prompt itself (see ``settle``)."""
         status, body = self.request("POST", "/free", {"unload_models": unload_models, "free_memory": free_memory})
         if status != 200:
             raise ComfyError(f"/free -> {status}: {body}")
+        if settle:
+            self.settle()
+
+    def settle(self) -> None:
+        """Return once the prompt worker has acted on every flag raised before the call (/free: models
+        unloaded, node cache emptied, garbage collected). Two trivial prompts are queued together: the worker
+        handles pending flags (and, after /free, runs gc.collect) right after the first one finishes, before
+        it takes the second, so the second prompt's history entry proves the flags were handled."""
+        ids = []
+        for _ in range(2):
+            status, body = self.queue_prompt(SETTLE_PROMPT)
+            if status != 200:
+                raise ComfyError(f"the settle prompt was rejected ({status}): {body}")
+            ids.append(body["prompt_id"])
+        entry = self.wait_for(ids[-1])
+        if (entry.get("status") or {}).get("status_str") != "success":
+            raise ComfyError(f"the settle prompt failed: {json.dumps(entry.get('status'))[:2000]}")
 
     def queue_prompt(self, api: dict, client_id: str | None = None) -> tuple[int, object]:
         return self.request("POST", "/prompt", {"prompt": api, "client_id": client_id or uuid.uuid4().hex})
 
-    def wait_for(self, prompt_id: str, timeout: float = 120.0, poll: float = 0.05) -> dict:
+    def wait_for(self, prompt_id: str, timeout: float = WAIT_BOUND, poll: float = 0.05) -> dict:
         """The /history entry of a prompt once it finished; on timeout the prompt is interrupted and
         ComfyError raised."""
         deadline = time.monotonic() + timeout
@@ -417,7 +456,7 @@ class ComfyServer:
                                  f"--- log tail ---\n{self.log_tail()}")
             time.sleep(poll)
 
-    def run_prompt(self, api: dict, timeout: float = 120.0) -> PromptResult:
+    def run_prompt(self, api: dict, timeout: float = WAIT_BOUND) -> PromptResult:
         """Queue an API-format prompt and wait for it. Validation errors (HTTP 400) come back as
         status "rejected" with the response body in `error`; runtime errors as "error" with the
         execution_error message data in `error`."""
@@ -469,7 +508,7 @@ class ComfyServer:
 
 
 def run_browser(url: str, screenshot: Path, workflow: dict | Path | None = None, run: bool = False,
-                fit: bool = False, timeout: float = 90.0) -> dict:
+                fit: bool = False, timeout: float = WAIT_BOUND) -> dict:
     """Drive the real frontend in headless Chromium (tests/comfyui_server/browser.js): load `url`, optionally a
     workflow (UI or API format), optionally fit the graph into view, optionally click Run and wait for the
     prompt, screenshot to `screenshot`.
@@ -493,16 +532,16 @@ def run_browser(url: str, screenshot: Path, workflow: dict | Path | None = None,
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 cwd=tmp, stdin=subprocess.DEVNULL)
         try:
-            out, err = proc.communicate(timeout=timeout + 30)
+            out, err = proc.communicate(timeout=timeout + STOP_BOUND)
         except subprocess.TimeoutExpired:
             # SIGTERM lets playwright close the Chromium it launched (in its own process group).
             proc.terminate()
             try:
-                out, err = proc.communicate(timeout=15)
+                out, err = proc.communicate(timeout=STOP_BOUND)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate()
-            raise ComfyError(f"browser.js overran {timeout + 30:.0f} s\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")
+            raise ComfyError(f"browser.js overran {timeout + STOP_BOUND:.0f} s\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if not lines:
         raise ComfyError(f"browser.js exit {proc.returncode}, no summary\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import ROOT, ComfyServer
+from .harness import ROOT, STOP_BOUND, WAIT_BOUND, ComfyServer
 
 WORKFLOWS = ROOT / "workflows"
 PACK_MODULE_PREFIX = "custom_nodes."
@@ -157,17 +157,14 @@ def error_text(result) -> str:
     return json.dumps(result.error)
 
 
-def wait_log(server: ComfyServer, pattern: str, start: int = 0, timeout: float = 30.0) -> re.Match:
-    """The first match of ``pattern`` in the server log after character ``start``, waiting for it."""
-    deadline = time.monotonic() + timeout
-    rx = re.compile(pattern)
-    while True:
-        m = rx.search(server.log_text(), start)
-        if m:
-            return m
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matching {pattern!r} within {timeout:.0f} s\n{server.log_tail(40)}")
-        time.sleep(0.1)
+def log_match(server: ComfyServer, pattern: str, start: int = 0) -> re.Match:
+    """The first match of ``pattern`` in the server log after character ``start``. No waiting: call it once the
+    server has provably done what logs the line (a finished prompt, a settled /free); ComfyUI's log handler
+    flushes every record, so the line is in the file by then."""
+    m = re.compile(pattern).search(server.log_text(), start)
+    if m is None:
+        raise AssertionError(f"no log line matching {pattern!r} after character {start}\n{server.log_tail(40)}")
+    return m
 
 
 class Progress:
@@ -208,13 +205,13 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self._thread.start()
-        if not self._ready.wait(15) or self._error is not None:
+        if not self._ready.wait(WAIT_BOUND) or self._error is not None:
             raise AssertionError(f"could not open ComfyUI's websocket: {self._error!r}")
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(STOP_BOUND)
 
     def steps(self, node: str, prompt_id: str | None = None) -> list[tuple[int, int]]:
         """(value, max) of every progress message for ``node``."""
@@ -222,7 +219,7 @@ class Progress:
                 if m.get("type") == "progress" and str(m["data"].get("node")) == node
                 and (prompt_id is None or m["data"].get("prompt_id") == prompt_id)]
 
-    def wait_for(self, predicate, timeout: float = 60.0) -> None:
+    def wait_for(self, predicate, timeout: float = WAIT_BOUND) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self._error is not None:
@@ -230,6 +227,18 @@ class Progress:
             if time.monotonic() > deadline:
                 raise AssertionError(f"progress did not arrive within {timeout:.0f} s: {self.messages[-10:]}")
             time.sleep(0.05)
+
+    def done(self, prompt_id: str) -> bool:
+        """Whether the prompt's closing message ("executing" with node None) has arrived. ComfyUI sends it after
+        the prompt's history entry is written, through the same ordered queue as the progress messages and
+        previews, so from then on every message of the prompt is in ``messages``."""
+        return any(m.get("type") == "executing" and m["data"].get("node") is None
+                   and m["data"].get("prompt_id") == prompt_id for m in list(self.messages))
+
+    def wait_done(self, prompt_id: str) -> None:
+        """Wait for ``done(prompt_id)``: a finished prompt's history entry can be read before the websocket has
+        delivered its last progress messages, and on a busy machine often is."""
+        self.wait_for(lambda: self.done(prompt_id))
 
 
 def write_fp8_fusion(src: Path, dst: Path) -> Path:
@@ -288,7 +297,7 @@ def write_gguf(dst: Path, names: tuple[str, ...]) -> Path:
     return dst
 
 
-def run_ui_jobs(url: str, jobs: list[dict], timeout: float = 150.0) -> list[dict]:
+def run_ui_jobs(url: str, jobs: list[dict], timeout: float = WAIT_BOUND) -> list[dict]:
     """Run tests/comfyui_server/ui_workflows.js (one headless Chromium for all jobs); its per-job results."""
     import os
     import subprocess
@@ -304,10 +313,10 @@ def run_ui_jobs(url: str, jobs: list[dict], timeout: float = 150.0) -> list[dict
                "--timeout-ms", str(int(timeout * 1000)), "--profile-dir", tmp]
         env = dict(os.environ, NODE_PATH=str(NODE_MODULES), NO_PROXY="*", no_proxy="*")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout + 30,
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=timeout + STOP_BOUND,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
-            raise ComfyError(f"ui_workflows.js overran {timeout + 30:.0f} s: {e.stdout!r} {e.stderr!r}") from None
+            raise ComfyError(f"ui_workflows.js overran {timeout + STOP_BOUND:.0f} s: {e.stdout!r} {e.stderr!r}") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     summary = json.loads(lines[-1]) if lines else {}
     if proc.returncode or not summary.get("ok"):

@@ -44,7 +44,7 @@ def test_ui_workflows_load_in_the_frontend_and_queue_their_api_twin(comfy_server
 
 def test_demo_queued_from_the_ui(comfy_server, comfy_models, browser, artifacts_dir):
     shot = artifacts_dir / "screenshot_demo.png"
-    summary = browser(comfy_server.url, shot, workflow=WORKFLOWS / "demo_tiny_t2av.json", run=True, timeout=240)
+    summary = browser(comfy_server.url, shot, workflow=WORKFLOWS / "demo_tiny_t2av.json", run=True)
     assert summary["missing_node_types"] == [] and summary["dialogs"] == [], summary
     prompt = summary["prompt"]
     assert prompt["status"] == "success", prompt

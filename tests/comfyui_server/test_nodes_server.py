@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .harness import PromptResult, combo_options
 from .nodes_helpers import (API_WORKFLOWS, NODES, Progress, check_clip, error_text, graph, load_workflow,
-                            output_videos, png, tiny_api, variant_of, wait_log, write_fp8_fusion, write_gguf,
+                            log_match, output_videos, png, tiny_api, variant_of, write_fp8_fusion, write_gguf,
                             write_kj_split)
 
 # -- the node interface ------------------------------------------------------------------------------------
@@ -81,9 +81,9 @@ def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models):
         status, body = comfy_server.queue_prompt(api, client_id=progress.client_id)
         assert status == 200, body
         pid = body["prompt_id"]
-        entry = comfy_server.wait_for(pid, timeout=240)
+        entry = comfy_server.wait_for(pid)
         assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:4000]
-        progress.wait_for(lambda: any(v == m for v, m in progress.steps("4", pid)), timeout=30)
+        progress.wait_done(pid)  # every progress message and preview of the prompt has arrived
     videos = output_videos(comfy_server, PromptResult("success", pid, outputs=entry["outputs"]))
     assert videos, entry["outputs"]
     for path in videos.values():
@@ -112,7 +112,7 @@ def test_latent_saved_then_loaded_decodes_to_the_same_frames(comfy_server, comfy
     tag = f"rt{int(time.time() * 1000) % 10**8}"
     first = graph(tag)
     first["6"] = {"class_type": "OviSaveLatent", "inputs": {"latent": ["3", 0], "filename_prefix": f"latents/{tag}"}}
-    result = comfy_server.run_prompt(first, timeout=240)
+    result = comfy_server.run_prompt(first)
     assert result.ok, result.summary()
     (saved,) = result.outputs["6"]["latents"]
     listed = combo_options(comfy_server.object_info("OviLoadLatent")["OviLoadLatent"], "latent")
@@ -122,7 +122,7 @@ def test_latent_saved_then_loaded_decodes_to_the_same_frames(comfy_server, comfy
     save = {**first["5"], "inputs": {**first["5"]["inputs"], "filename_prefix": f"nodes/{tag}b"}}
     again = {"1": first["1"], "2": first["2"], "3": {"class_type": "OviLoadLatent", "inputs": {"latent": name}},
              "4": first["4"], "5": save}
-    reloaded = comfy_server.run_prompt(again, timeout=240)
+    reloaded = comfy_server.run_prompt(again)
     assert reloaded.ok, reloaded.summary()
     a, b = output_videos(comfy_server, result)["5"], output_videos(comfy_server, reloaded)["5"]
     check_clip(b, "720x720_5s")
@@ -184,7 +184,7 @@ def test_bad_request_comes_back_as_comfy_error(case, comfy_server, comfy_models,
     changes, where, words = BAD[case]
     changes = {k: ({kk: wrong_files.get(vv, vv) for kk, vv in v.items()} if isinstance(v, dict)
                    else wrong_files.get(v, v)) for k, v in changes.items()}
-    result = comfy_server.run_prompt(graph(f"bad_{case}", decode=False, **changes), timeout=120)
+    result = comfy_server.run_prompt(graph(f"bad_{case}", decode=False, **changes))
     text = error_text(result)
     if where == "rejected":
         assert (result.status, result.http_status) == ("rejected", 400), result.summary()
@@ -197,7 +197,7 @@ def test_bad_request_comes_back_as_comfy_error(case, comfy_server, comfy_models,
 
 def test_plain_fp8_fusion_file_runs(comfy_server, comfy_models, wrong_files):
     # official layout (model_fp8_e4m3fn.safetensors): e4m3fn casts, no scales; the workflows cover the scaled one
-    result = comfy_server.run_prompt(graph("fp8_plain", model=wrong_files["fp8"], sampler={"seed": 31}), timeout=240)
+    result = comfy_server.run_prompt(graph("fp8_plain", model=wrong_files["fp8"], sampler={"seed": 31}))
     assert result.ok, result.summary()
     check_clip(output_videos(comfy_server, result)["5"], "720x720_5s")
 
@@ -217,8 +217,10 @@ def test_convert_node_writes_a_file_the_loader_lists_and_runs(source, target, ou
         status, body = comfy_server.queue_prompt({"1": {"class_type": node, "inputs": {
             "source": source, "target": target, "output_name": out}}}, client_id=progress.client_id)
         assert status == 200, body
-        entry = comfy_server.wait_for(body["prompt_id"], timeout=240)
+        entry = comfy_server.wait_for(body["prompt_id"])
         assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:4000]
+        # the history entry comes before the websocket has delivered the last progress messages
+        progress.wait_done(body["prompt_id"])
         steps = progress.steps("1", body["prompt_id"])
     (written,) = entry["outputs"]["1"]["text"]
     expected = out or "model_fp8_e4m3fn_scaled.safetensors"
@@ -239,12 +241,12 @@ def test_convert_node_writes_a_file_the_loader_lists_and_runs(source, target, ou
             assert info.component == "umt5", info
             assert written in combo_options(info_src["OviComponentLoader"], "text_encoder")
             api = graph(f"conv_{target}", components={"text_encoder": written}, decode=False, sampler={"seed": 41})
-        result = comfy_server.run_prompt(api, timeout=240)
+        result = comfy_server.run_prompt(api)
         assert result.ok, result.summary()
         assert result.outputs["5"]["latents"]
         # a second run does not overwrite the file it made
         again = comfy_server.run_prompt({"1": {"class_type": node, "inputs": {
-            "source": source, "target": target, "output_name": written}}}, timeout=60)
+            "source": source, "target": target, "output_name": written}}})
         assert again.status == "error" and "already exists" in error_text(again), again.summary()
     finally:
         path.unlink(missing_ok=True)
@@ -264,17 +266,16 @@ def test_split_fp8_pack_loads_and_converts_from_either_half(comfy_server, comfy_
         latents = []
         for half in (video, audio):
             result = comfy_server.run_prompt(graph(f"split_{half.stem}", model=half.name, decode=False,
-                                                   sampler={"seed": 43}), timeout=240)
+                                                   sampler={"seed": 43}))
             assert result.ok, result.summary()
             latents.append(result.outputs["5"]["latents"])
         result = comfy_server.run_prompt({"1": {"class_type": "OviConvertModel", "inputs": {
-            "source": f"diffusion_models/{audio.name}", "target": "gguf-q8_0", "output_name": converted.name}}},
-            timeout=240)
+            "source": f"diffusion_models/{audio.name}", "target": "gguf-q8_0", "output_name": converted.name}}})
         assert result.ok, result.summary()
         info = inspect_file(converted)
         assert (info.component, info.variant, info.quantization) == ("fusion", "720x720_5s", "Q8_0"), info
         video.unlink()
-        result = comfy_server.run_prompt(graph("split_lonely", model=audio.name, decode=False), timeout=120)
+        result = comfy_server.run_prompt(graph("split_lonely", model=audio.name, decode=False))
         assert result.status == "error", result.summary()
         assert "video branch must sit beside it" in error_text(result) and video.name in error_text(result)
     finally:
@@ -288,10 +289,10 @@ def test_interrupt_stops_within_a_step(comfy_server, comfy_models):
         status, body = comfy_server.queue_prompt(api, client_id=progress.client_id)
         assert status == 200, body
         pid = body["prompt_id"]
-        progress.wait_for(lambda: len(progress.steps("3", pid)) >= 2, timeout=120)
+        progress.wait_for(lambda: len(progress.steps("3", pid)) >= 2)
         comfy_server.interrupt()
         t0 = time.monotonic()
-        entry = comfy_server.wait_for(pid, timeout=60)
+        entry = comfy_server.wait_for(pid)
         stopped_after = time.monotonic() - t0
     messages = [m[0] for m in entry["status"]["messages"]]
     assert "execution_interrupted" in messages and entry["status"]["status_str"] == "error", messages
@@ -304,7 +305,7 @@ def test_interrupt_stops_within_a_step(comfy_server, comfy_models):
 
 
 def test_server_runs_a_good_prompt_after_the_errors(comfy_server, comfy_models):
-    result = comfy_server.run_prompt(graph("after_errors", sampler={"seed": 12}), timeout=240)
+    result = comfy_server.run_prompt(graph("after_errors", sampler={"seed": 12}))
     assert result.ok, result.summary()
     check_clip(output_videos(comfy_server, result)["5"], "720x720_5s")
 
@@ -314,24 +315,25 @@ def test_free_releases_the_engine_through_model_management(comfy_server, comfy_m
     # offload keeps host copies of the components after a run, so the engine holds weights to release
     api = graph("free", decode=False, engine={"memory_mode": "offload"}, sampler={"seed": 21})
     mark = len(comfy_server.log_text())
-    assert comfy_server.run_prompt(api, timeout=120).ok
+    assert comfy_server.run_prompt(api).ok
     log = comfy_server.log_text()[mark:]
     assert "Requested to load OviEngineModel" in log  # registered with comfy.model_management.load_models_gpu
 
     mark = len(comfy_server.log_text())
-    comfy_server.free(unload_models=True, free_memory=False)
-    m = wait_log(comfy_server, r"ComfyUI unloaded models; released (\S+ \S+) of weights \((\S+ \S+) held before, "
-                               r"(\S+ \S+) still held\)", mark)
+    comfy_server.free(unload_models=True, free_memory=False)  # returns once the server has acted on it
+    m = log_match(comfy_server, r"ComfyUI unloaded models; released (\S+ \S+) of weights \((\S+ \S+) held before, "
+                                r"(\S+ \S+) still held\)", mark)
     assert m.group(2) != "0 B" and m.group(1) == m.group(2) and m.group(3) == "0 B", m.group(0)
 
     # ComfyUI dropped it from its loaded-model list: the next run registers it again and reloads from the files
     api["3"]["inputs"]["seed"] = 22
     mark = len(comfy_server.log_text())
-    assert comfy_server.run_prompt(api, timeout=120).ok
+    assert comfy_server.run_prompt(api).ok
     log = comfy_server.log_text()[mark:]
     assert "Requested to load OviEngineModel" in log and "host copy loaded from its file" in log
 
-    # free_memory also empties ComfyUI's node cache, the engine's only owner: it is garbage-collected
+    # free_memory also empties ComfyUI's node cache, the engine's only owner: once the server has handled the
+    # flag (free() waits for that), the engine is gone, collected by the gc.collect() that follows the flag
     mark = len(comfy_server.log_text())
     comfy_server.free(unload_models=True, free_memory=True)
-    wait_log(comfy_server, r"engine freed \(garbage-collected\)", mark)
+    log_match(comfy_server, r"engine freed \(garbage-collected\)", mark)

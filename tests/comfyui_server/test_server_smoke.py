@@ -99,7 +99,7 @@ def test_image_prompt_with_uploaded_input(comfy_server):
         "3": {"class_type": "LoadImage", "inputs": {"image": image_name}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "smoke/loaded"}},
     }
-    result = comfy_server.run_prompt(api, timeout=60)
+    result = comfy_server.run_prompt(api)
     assert result.ok, result.summary()
     empty = result.outputs["2"]["images"]
     assert len(empty) == 2
@@ -137,7 +137,7 @@ def test_video_with_audio_through_core_nodes(comfy_server):
                                                     "format": "mp4", "codec": "h264"}},
         "5": {"class_type": "SaveAudio", "inputs": {"audio": ["2", 0], "filename_prefix": "smoke/tone"}},
     }
-    result = comfy_server.run_prompt(api, timeout=60)
+    result = comfy_server.run_prompt(api)
     assert result.ok, result.summary()
     (video,) = [comfy_server.file_path(e) for e in result.outputs["4"]["images"]]
     assert video.suffix == ".mp4"
@@ -193,7 +193,7 @@ def test_import_blocking_shim(tmp_path):
             "        out[n] = 'blocked' if importlib.util.find_spec(n) is None else 'raised but findable'\n"
             "print(json.dumps(out))\n")
     env = dict(os.environ, PYTHONPATH=str(shim))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {n: "blocked" for n in OPTIONAL_IMPORTS}
     assert "imports blocked: flash_attn,sageattention,gguf" in proc.stderr
@@ -246,7 +246,7 @@ def test_start_failure_reports_exit_and_log(tmp_path):
     (fake / "main.py").write_text("import sys\nprint('simulated crash before listening')\nsys.exit(3)\n")
     server = ComfyServer(tmp_path / "base", comfy_dir=fake, python=sys.executable)
     with pytest.raises(ComfyError, match=r"(?s)exited with code 3.*simulated crash before listening"):
-        server.start(timeout=30)
+        server.start()
     assert not server.alive
 
 

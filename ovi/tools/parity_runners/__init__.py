@@ -21,12 +21,7 @@ MANIFEST_RUNNERS: dict = {}
 KEYMAP_RUNNERS: dict = {}
 
 for _area in _AREAS:
-    try:
-        _mod = importlib.import_module(f"{__name__}.{_area}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_area}":
-            raise
-        continue
+    _mod = importlib.import_module(f"{__name__}.{_area}")
     for _table in ("TENSOR_RUNNERS", "CASE_RUNNERS", "MANIFEST_ANCHORS", "MANIFEST_RUNNERS", "KEYMAP_RUNNERS"):
         globals()[_table].update(getattr(_mod, _table, {}))
 
