@@ -150,6 +150,7 @@ def test_corrupt_config_in_gguf_header(tiny_sd, tmp_path):
     bad.write_bytes(data.replace(needle, b'"num_heads": 0', 1))
     msg = _fails_fast(load_fusion_model, bad)
     assert str(bad) in msg and "video.num_heads=0 is out of range (1..256)" in msg, msg
+    assert "header metadata is corrupt" in msg and "tensors are missing" not in msg, msg
 
 
 def test_config_error_names_the_field():

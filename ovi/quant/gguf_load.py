@@ -14,7 +14,6 @@ umT5 names. Shapes changed for storage are restored from ``comfy.gguf.orig_shape
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fusion.config import FusionConfig
+from ..fusion.metadata import check_config_matches_shapes, config_from_metadata
 from ..fusion.model import FusionModel
-from ..loading import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError, TensorSource, check_keys, meta_device
+from ..loading import VARIANT_METADATA_KEY, CheckpointError, TensorSource, check_keys, meta_device
 from ..log import log
 from ..text.names import LLAMA_CPP
 from ..text.umt5 import UMT5Config, UMT5Encoder
@@ -245,13 +245,17 @@ def load_fusion_gguf(path: str | os.PathLike, *, device: torch.device | str = "c
     _check_arch(f, _FUSION_ARCHS, "an Ovi fusion model")
     sources = _fusion_sources(f)
     if config is None:
-        raw = f.metadata.get(CONFIG_METADATA_KEY)
-        try:
-            config = (FusionConfig.from_dict(json.loads(raw)) if raw else
-                      FusionConfig.from_shapes({k: s.shape for k, s in sources.items()}))
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f.path, f"cannot infer the fusion model configuration: {e}. Likely cause: tensors "
-                                          "are missing (a partial file).") from e
+        shapes = {k: s.shape for k, s in sources.items()}
+        # a recorded config is checked as such (its error names the field, not missing tensors)
+        config = config_from_metadata(f.metadata, f.path)
+        if config is not None:
+            check_config_matches_shapes(config, shapes, f.path)
+        else:
+            try:
+                config = FusionConfig.from_shapes(shapes)
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f.path, f"cannot infer the fusion model configuration: {e}. Likely cause: "
+                                              "tensors are missing (a partial file).") from e
     with meta_device():
         model = FusionModel(config)
     kept, dense = _fill(model, sources, path=f.path, component="fusion", device=device, dtype=dtype)
