@@ -208,6 +208,13 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
                 quant = _DTYPE_NAMES[layout.weight_dtype] + (" scaled" if scaled else " (plain casts, no scales)")
                 fp8_layout = layout
         data_bytes = sum(dtype_bytes.values())
+        file_tensors = len(keys)
+        from .quant.quanto_int8 import inspect_header
+
+        quanto = inspect_header(sources, meta, p)  # CheckpointError for a malformed quanto int8 file (Wan2GP)
+        if quanto is not None:  # keyed as the model loads it; int8 weights and their scales count at stored size
+            shapes, stored, quant = quanto.shapes, quanto.stored, quanto.layout.summary()
+            keys = list(shapes)
     if not keys:
         raise CheckpointError(p, "the file holds no tensors.")
     if fmt == "gguf" and any(k.startswith("enc.blk.") for k in keys):  # llama.cpp's T5 tensor names
@@ -229,7 +236,7 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
     if CONFIG_METADATA_KEY in meta and component.startswith("fusion"):
         layout += "; config in header metadata (converted by this package)"
     info = FileInfo(path=p, component=component, layout=layout, format=fmt, dtype=_dtype_summary(dtype_bytes),
-                    quantization=quant, tensor_count=len(keys), file_bytes=size,
+                    quantization=quant, tensor_count=file_tensors if fmt != "gguf" else len(keys), file_bytes=size,
                     tensor_bytes=data_bytes, numel=numel, metadata=meta, shapes=shapes, stored_bytes=stored)
     if info.is_fusion:
         try:
@@ -371,6 +378,11 @@ def describe_variant(choice: VariantChoice, dtype: str, nbytes: int) -> str:
             f"{v.audio_latent_length} audio tokens), {dtype}, {nbytes / 1e9:.1f} GB, from {choice.source}")
 
 
+def _shown(key: str, value: str) -> str:
+    """A metadata value for ``ovi info``; base64 blobs (mmgp's quantization map: kilobytes) by their size only."""
+    return f"<{len(value)} characters of base64>" if key.endswith("_base64") else value
+
+
 def human_bytes(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
@@ -392,6 +404,6 @@ def format_info(info: FileInfo) -> str:
              ("tensors", str(info.tensor_count))]
     extra = sorted(k for k in info.metadata if k not in (CONFIG_METADATA_KEY, "format"))
     if extra:
-        rows.append(("metadata", ", ".join(f"{k}={info.metadata[k]}" for k in extra)))
+        rows.append(("metadata", ", ".join(f"{k}={_shown(k, info.metadata[k])}" for k in extra)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)

@@ -136,7 +136,25 @@ KNOWN_FILES: tuple[KnownFile, ...] = (
     KnownFile("Wan2_2_Ovi_Audio_fp8_e4m3fn_scaled_KJ.safetensors", "720x720_5s", fp8=True, part="audio",
               source="Kijai", best_effort=True),
 )
+
+# Wan2GP (huggingface.co/DeepBeepMeep/Wan2.2): one file per branch, keys without the branch prefix, bf16 or
+# optimum-quanto int8. Its model definitions name each pair with an Ovi version and length ("Wan2.2 Ovi v1.0 5s",
+# "v1.1 5s", "v1.1 10s"), and each of those is exactly one official checkpoint: 1.0 shipped only 720x720_5s, 1.1
+# ships 960x960_5s and 960x960_10s (Wan2GP's 1.1 commit names model_960x960.safetensors beside its save calls; its
+# 10 s definition runs 241 frames with 61 video / 314 audio latents, the 960x960_10s lengths).
+WAN2GP_PAIRS = (("wan2.2_ovi", "720x720_5s"), ("wan2.2_ovi1_1", "960x960_5s"), ("wan2.2_ovi1_1_10s", "960x960_10s"))
+WAN2GP_KINDS = ("bf16", "quanto_bf16_int8")  # bf16 first: the models-folder lookup prefers the unquantised pair
+KNOWN_FILES += tuple(KnownFile(f"{stem}_{part}_10B_{kind}.safetensors", variant, part=part, source="Wan2GP")
+                     for kind in WAN2GP_KINDS for stem, variant in WAN2GP_PAIRS for part in ("video", "audio"))
 _BY_NAME = {f.name.lower(): f for f in KNOWN_FILES}
+
+# Wan2GP-style names that are not the published ones (another dtype tag, e.g. the "quanto_fp16_int8" its Ovi 1.0
+# code mentions): the version/length stem still says the variant. Longest stem first.
+_WAN2GP_PATTERNS = (
+    (re.compile(r"^wan2\.2_ovi1_1_10s_"), "960x960_10s"),
+    (re.compile(r"^wan2\.2_ovi1_1_"), "960x960_5s"),
+    (re.compile(r"^wan2\.2_ovi_"), "720x720_5s"),
+)
 
 # A user's own conversion (e.g. "Ovi-960x960-10s-Q8_0.gguf") usually keeps the resolution/duration tag.
 _NAME_PATTERNS = (
@@ -153,6 +171,10 @@ def known_file(path: str | os.PathLike) -> KnownFile | None:
     if hit is not None:
         return hit
     low = base.lower()
+    for pattern, variant in _WAN2GP_PATTERNS:
+        if pattern.search(low):
+            part = next((w for w in ("video", "audio") if w in low), "full")
+            return KnownFile(base, variant, fp8="fp8" in low, part=part, source="Wan2GP", best_effort=True)
     for pattern, variant in _NAME_PATTERNS:
         if pattern.search(low):
             return KnownFile(base, variant, fp8="fp8" in low, source="name pattern", best_effort=True)

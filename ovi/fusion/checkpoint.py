@@ -8,7 +8,10 @@ Layouts accepted:
 - one file with the video keys unprefixed next to ``audio_model.`` keys (ComfyUI-WanVideoWrapper's Ovi 1.1
   files), and ``blocks.N.modulation`` for the official ``blocks.N.modulation.modulation``;
 - FP8 files in any layout of ``ovi.quant.fp8_checkpoint`` (official plain casts, KJ scaled, ComfyUI scaled,
-  our converted files): FP8 linear weights stay FP8 in ``FP8Linear`` layers, everything else as usual.
+  our converted files): FP8 linear weights stay FP8 in ``FP8Linear`` layers, everything else as usual;
+- Wan2GP's split pairs (``wan2.2_ovi*_{video,audio}_10B_{bf16,quanto_bf16_int8}``, keys without the branch
+  prefix), the int8 ones in the optimum-quanto layout of ``ovi.quant.quanto_int8``: qint8 linear weights stay
+  int8 in ``Int8Linear`` layers, the layers outside the quantization map load as usual.
 The config comes from ``config``, else the header metadata ``ovi.config``, else the tensor shapes.
 """
 
@@ -27,6 +30,8 @@ from ..loading import (is_gguf, meta_device, CONFIG_METADATA_KEY, FP8_DTYPES, KN
 from ..log import log
 from ..quant.fp8_checkpoint import (Fp8Layout, check_scale_values, detect_fp8_layout, prepare_fp8_model,
                                    strip_fp8_extras)
+from ..quant.quanto_int8 import (QuantoLayout, check_quanto_scale_values, dequantised_sources as int8_dequantised,
+                                 detect_quanto_layout, model_sources as quanto_model_sources, prepare_int8_model)
 from .config import ConfigError, FusionConfig
 from .metadata import check_config_matches_shapes, config_from_metadata, variant_from_metadata
 from .model import FusionModel
@@ -37,11 +42,13 @@ _ANCHORS = {"video": ("patch_embedding.weight", 5), "audio": ("patch_embedding.0
 
 
 class _File:
-    """The tensors and header metadata of one checkpoint file, and its FP8 layout (None: not FP8)."""
+    """The tensors and header metadata of one checkpoint file, and its FP8 or quanto int8 layout (None: not that
+    format). The sources of an int8 file are keyed as the model loads them (``<layer>.weight`` int8 and
+    ``<layer>.scale``)."""
 
     def __init__(self, path: Path, sources: dict[str, TensorSource], metadata: dict[str, str],
-                 fp8: Fp8Layout | None = None):
-        self.path, self.sources, self.metadata, self.fp8 = path, sources, metadata, fp8
+                 fp8: Fp8Layout | None = None, int8: QuantoLayout | None = None):
+        self.path, self.sources, self.metadata, self.fp8, self.int8 = path, sources, metadata, fp8, int8
 
 
 def _open(path: Path, prefix: str, streaming: bool = False):
@@ -57,9 +64,21 @@ def _open(path: Path, prefix: str, streaming: bool = False):
     if not sources and path.suffix.lower() != ".safetensors":
         sources = _app_model_sources(path, prefix)
     metadata = dict(reader.metadata)
-    fp8 = detect_fp8_layout(sources, metadata, path)
-    if fp8 is not None:
-        check_scale_values(sources, path)
+    try:
+        int8 = detect_quanto_layout(sources, metadata, path)
+        if int8 is not None:
+            fp8_keys = [k for k, s in sources.items() if s.dtype in FP8_DTYPES]
+            if fp8_keys:
+                raise CheckpointError(path, f"the file is in the optimum-quanto int8 layout but also holds FP8 "
+                                            f"tensors (first: {fp8_keys[0]}); it mixes two formats.")
+            check_quanto_scale_values(sources, int8, path)
+            return _File(path, quanto_model_sources(sources), metadata, int8=int8), reader
+        fp8 = detect_fp8_layout(sources, metadata, path)
+        if fp8 is not None:
+            check_scale_values(sources, path)
+    except BaseException:
+        reader.close()
+        raise
     return _File(path, strip_fp8_extras(sources), metadata, fp8), reader
 
 
@@ -218,6 +237,8 @@ def fusion_sources(path: str | os.PathLike | Sequence[str | os.PathLike], *, pre
             r.close()
         raise
     sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
+    if any(f.int8 is not None for f in files):  # converters read int8 weights as their float values
+        sources = int8_dequantised(sources)
     return files, readers, sources, cfg, label
 
 
@@ -238,12 +259,15 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
 
         return load_fusion_gguf(paths[0], device=device, dtype=dtype, config=config)
     files, readers, branches, label = _collect(paths, prefix)
-    fp8_linears = 0
+    fp8_linears = int8_linears = 0
     try:
         layouts = {f.fp8.name for f in files if f.fp8 is not None}
         if len(layouts) > 1:
             raise CheckpointError(label, f"the two files use different FP8 layouts ({', '.join(sorted(layouts))}); "
                                          "give a matching pair.")
+        int8 = any(f.int8 is not None for f in files)
+        if layouts and int8:
+            raise CheckpointError(label, "one file is FP8 and the other quanto int8; give a matching pair.")
         if config is None:
             cfg = _config(files, branches, label)
         else:
@@ -255,6 +279,8 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
         sources = {_BRANCH_PREFIX[b] + k: s for b, (_, srcs) in branches.items() for k, s in srcs.items()}
         if layouts:
             sources, fp8_linears = prepare_fp8_model(model, sources, label)
+        if int8:
+            sources, int8_linears = prepare_int8_model(model, sources, label)
         expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
         if len(files) == 2:  # report a problem against the file of the branch that has it
             for b, (p, _) in branches.items():
@@ -262,7 +288,8 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
                 check_keys("fusion", p, {k[len(pre):]: s for k, s in expected.items() if k.startswith(pre)},
                            {k[len(pre):]: s for k, s in sources.items() if k.startswith(pre)})
         load_into_module(model, sources, path=label, component="fusion", device=device, dtype=dtype,
-                         keep_dtype=lambda name, t: t.dtype in FP8_DTYPES or name.endswith(".scale_weight"))
+                         keep_dtype=lambda name, t: (t.dtype in FP8_DTYPES or name.endswith(".scale_weight")
+                                                     or _is_int8_scale(name, sources)))
     finally:
         for r in readers:
             r.close()
@@ -274,10 +301,20 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
         set_fp8_compute(model, fp8_compute)
     variant = next((f.metadata[VARIANT_METADATA_KEY] for f in files if VARIANT_METADATA_KEY in f.metadata), None)
     fp8 = next((f.fp8 for f in files if f.fp8 is not None), None)
-    log.info("fusion model loaded from %s: %d layers, dim %d, %s on %s%s%s", label, cfg.num_layers, cfg.video.dim,
+    q8 = next((f.int8 for f in files if f.int8 is not None), None)
+    log.info("fusion model loaded from %s: %d layers, dim %d, %s on %s%s%s%s", label, cfg.num_layers, cfg.video.dim,
              str(dtype).replace("torch.", ""), device, f" (variant {variant})" if variant else "",
-             f"; FP8: {fp8_linears} linear layers, {fp8.summary()}" if fp8 else "")
+             f"; FP8: {fp8_linears} linear layers, {fp8.summary()}" if fp8 else "",
+             f"; int8: {int8_linears} linear layers kept int8 ({q8.summary().split(' (')[0]})" if q8 else "")
     return model
+
+
+def _is_int8_scale(name: str, sources: Mapping[str, TensorSource]) -> bool:
+    """An ``Int8Linear`` scale: kept float32 whatever the compute dtype."""
+    if not name.endswith(".scale"):
+        return False
+    w = sources.get(name[: -len("scale")] + "weight")
+    return w is not None and w.dtype == torch.int8
 
 
 def output_variant(paths: list[Path], files, explicit: str | None) -> str | None:
@@ -302,6 +339,8 @@ def describe_sources(files) -> str:
     for f in files:
         if f.fp8 is not None:
             kind = f"fp8 {f.fp8.name}"
+        elif f.int8 is not None:
+            kind = "quanto qint8"
         else:
             dts = {s.dtype for s in f.sources.values() if s.dtype.is_floating_point}
             kind = "/".join(sorted(str(d).removeprefix("torch.") for d in dts)) or "?"
