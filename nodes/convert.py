@@ -41,8 +41,9 @@ class OviConvertModel:
                                                "umT5 from text_encoders (umT5 converts to GGUF only). Either half "
                                                "of a video/audio split pack converts the whole model."}),
             "target": (list(TARGETS), {
-                "default": "fp8", "tooltip": "fp8: linear weights float8_e4m3fn with a per-tensor scale (ComfyUI "
-                                             "scaled-fp8 layout). gguf-*: llama.cpp block quantization; "
+                "default": "fp8", "tooltip": "fp8: block linear weights float8_e4m3fn with a per-tensor scale, "
+                                             "listed per layer in ComfyUI's mixed-precision metadata "
+                                             "(_quantization_metadata). gguf-*: llama.cpp block quantization; "
                                              "q8_0 is nearly lossless, q4_k is the smallest."}),
             "output_name": ("STRING", {
                 "default": "", "tooltip": "File name of the result in the source's folder; empty: the source name "

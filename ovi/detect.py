@@ -199,13 +199,16 @@ def inspect_file(path: str | os.PathLike) -> FileInfo:
         quant = fp8_layout = None
         stored = {k: _prod(s.shape) for k, s in sources.items() if s.dtype in FP8_DTYPES}
         fp8 = [d for d in dtype_bytes if d in FP8_DTYPES]
-        if fp8 or "scaled_fp8" in keys:
+        from .quant.comfy_quant import has_comfy_quant
+
+        if fp8 or "scaled_fp8" in keys or has_comfy_quant(keys, meta):  # ComfyUI's per-layer quantization metadata
             from .quant.fp8_checkpoint import detect_fp8_layout
 
             layout = detect_fp8_layout(sources, meta, p)  # CheckpointError for an unknown FP8 layout
             if layout is not None:
                 scaled = layout.granularity != "none"
-                quant = _DTYPE_NAMES[layout.weight_dtype] + (" scaled" if scaled else " (plain casts, no scales)")
+                quant = (_DTYPE_NAMES.get(layout.weight_dtype, str(layout.weight_dtype).removeprefix("torch."))
+                         + (" scaled" if scaled else " (plain casts, no scales)"))
                 fp8_layout = layout
         data_bytes = sum(dtype_bytes.values())
         file_tensors = len(keys)
@@ -402,7 +405,8 @@ def format_info(info: FileInfo) -> str:
         rows.append(("quantization", info.quantization))
     rows += [("size", f"{human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes; tensor data {info.tensor_bytes:,})"),
              ("tensors", str(info.tensor_count))]
-    extra = sorted(k for k in info.metadata if k not in (CONFIG_METADATA_KEY, "format"))
+    # ComfyUI's layer list (kilobytes of JSON) is summed up on the quantization row
+    extra = sorted(k for k in info.metadata if k not in (CONFIG_METADATA_KEY, "format", "_quantization_metadata"))
     if extra:
         rows.append(("metadata", ", ".join(f"{k}={_shown(k, info.metadata[k])}" for k in extra)))
     width = max(len(k) for k, _ in rows)

@@ -403,7 +403,7 @@ def fp8_sources(tiny):
 
     d = tiny["dir"]
     scaled = d / "fp8_tensor.safetensors"
-    convert_fp8(tiny["src"], scaled, granularity="tensor")
+    convert_fp8(tiny["src"], scaled, granularity="tensor", fp8_format="scaled_fp8")
     sd, meta = _read_safetensors(tiny["src"])
     plain = _save({k: v.to(E4M3) if is_quantised_key(k) else v for k, v in sd.items()},
                   d / "model_fp8_e4m3fn.safetensors", meta)

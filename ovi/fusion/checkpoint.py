@@ -8,7 +8,8 @@ Layouts accepted:
 - one file with the video keys unprefixed next to ``audio_model.`` keys (ComfyUI-WanVideoWrapper's Ovi 1.1
   files), and ``blocks.N.modulation`` for the official ``blocks.N.modulation.modulation``;
 - FP8 files in any layout of ``ovi.quant.fp8_checkpoint`` (official plain casts, KJ scaled, ComfyUI scaled,
-  our converted files): FP8 linear weights stay FP8 in ``FP8Linear`` layers, everything else as usual;
+  ComfyUI mixed-precision, our converted files): FP8 linear weights stay FP8 in ``FP8Linear`` layers,
+  everything else as usual;
 - Wan2GP's split pairs (``wan2.2_ovi*_{video,audio}_10B_{bf16,quanto_bf16_int8}``, keys without the branch
   prefix), the int8 ones in the optimum-quanto layout of ``ovi.quant.quanto_int8``: qint8 linear weights stay
   int8 in ``Int8Linear`` layers, the layers outside the quantization map load as usual.
@@ -28,8 +29,7 @@ from ..loading import (is_gguf, meta_device, CONFIG_METADATA_KEY, FP8_DTYPES, KN
                        CheckpointError, CheckpointReader, DerivedSource,
                        TensorSource, check_keys, identify_component, load_into_module)
 from ..log import log
-from ..quant.fp8_checkpoint import (Fp8Layout, check_scale_values, detect_fp8_layout, prepare_fp8_model,
-                                   strip_fp8_extras)
+from ..quant.fp8_checkpoint import Fp8Layout, fp8_file_sources, keeps_stored_dtype, prepare_fp8_model
 from ..quant.quanto_int8 import (QuantoLayout, check_quanto_scale_values, dequantised_sources as int8_dequantised,
                                  detect_quanto_layout, model_sources as quanto_model_sources, prepare_int8_model)
 from .config import ConfigError, FusionConfig
@@ -73,13 +73,11 @@ def _open(path: Path, prefix: str, streaming: bool = False):
                                             f"tensors (first: {fp8_keys[0]}); it mixes two formats.")
             check_quanto_scale_values(sources, int8, path)
             return _File(path, quanto_model_sources(sources), metadata, int8=int8), reader
-        fp8 = detect_fp8_layout(sources, metadata, path)
-        if fp8 is not None:
-            check_scale_values(sources, path)
+        sources, fp8 = fp8_file_sources(sources, metadata, path)
     except BaseException:
         reader.close()
         raise
-    return _File(path, strip_fp8_extras(sources), metadata, fp8), reader
+    return _File(path, sources, metadata, fp8), reader
 
 
 def _app_model_sources(path: Path, prefix: str) -> dict[str, TensorSource]:
@@ -288,8 +286,7 @@ def load_fusion_model(path: str | os.PathLike | Sequence[str | os.PathLike], *, 
                 check_keys("fusion", p, {k[len(pre):]: s for k, s in expected.items() if k.startswith(pre)},
                            {k[len(pre):]: s for k, s in sources.items() if k.startswith(pre)})
         load_into_module(model, sources, path=label, component="fusion", device=device, dtype=dtype,
-                         keep_dtype=lambda name, t: (t.dtype in FP8_DTYPES or name.endswith(".scale_weight")
-                                                     or _is_int8_scale(name, sources)))
+                         keep_dtype=lambda name, t: (keeps_stored_dtype(name, t) or _is_int8_scale(name, sources)))
     finally:
         for r in readers:
             r.close()

@@ -4,8 +4,9 @@ A weight is stored as ``float8_e4m3fn`` with a float32 scale, one per tensor ([]
 ([out, 1]); the effective weight is ``weight.float() * scale``. ``FP8Linear`` computes in one of two ways:
 
 * ``"scaled_mm"`` on hardware with FP8 tensor cores (CUDA sm_89+, ROCm gfx942/gfx950): the activation is
-  quantised per call with a dynamic per-tensor scale (amax / max) and ``torch._scaled_mm`` multiplies the two
-  FP8 operands, the scales applied in its epilogue;
+  quantised per call with a dynamic per-tensor scale (amax / max), or with the layer's static ``input_scale``
+  when its file has one (ComfyUI's mixed-precision files), and ``torch._scaled_mm`` multiplies the two FP8
+  operands, the scales applied in its epilogue;
 * ``"upcast"`` anywhere else: the weight is cast to the compute dtype and scaled for this one call.
 
 The choice is automatic per device (logged once) and can be forced per model (``set_fp8_compute``). A forced
@@ -196,10 +197,11 @@ def _pad2(t: torch.Tensor, cols: int, rows: int = 0) -> torch.Tensor:
 
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T + bias`` through ``torch._scaled_mm``: ``x`` quantised per call with a per-tensor
-    scale amax/max, K and N zero-padded to multiples of 16 as the kernel requires, per-channel weight scales in
-    ``scale_b`` as a [1, N] row (rowwise scaling) or, where the kernel refuses that, applied to the output."""
+    scale amax/max (or the static ``input_scale``: x / input_scale, clamped to the FP8 range), K and N
+    zero-padded to multiples of 16 as the kernel requires, per-channel weight scales in ``scale_b`` as a [1, N]
+    row (rowwise scaling) or, where the kernel refuses that, applied to the output."""
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
@@ -211,7 +213,12 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
     x2 = x.reshape(-1, in_features)
     pad_k, pad_n = -in_features % 16, -out_features % 16
-    x_scale = (x2.abs().amax().float() / fmax).clamp(min=_MIN_SCALE)
+    if input_scale is None:
+        x_scale = (x2.abs().amax().float() / fmax).clamp(min=_MIN_SCALE)
+    else:
+        x_scale = input_scale.to(device=x.device, dtype=torch.float32).reshape(())
+        if fp8 != E4M3:  # fnuz holds half of e4m3fn's range: a doubled scale keeps the same values in range
+            x_scale = x_scale * 2.0
     xq = (x2.float() / x_scale).clamp(-fmax, fmax).to(fp8)
     xq = _pad2(xq, pad_k)
     w = _pad2(w, pad_k, pad_n)  # [N, K] row-major, so w.t() is the column-major [K, N] the kernel wants
@@ -258,11 +265,13 @@ class FP8Linear(nn.Module):
     """A linear layer with an FP8 weight and a float32 ``scale_weight`` ([] per tensor, [out, 1] per channel).
 
     The state-dict names (``weight``, ``bias``, ``scale_weight``) are those of ComfyUI's scaled-fp8 files, so
-    such a file maps onto the module key for key. ``mode`` None follows ``fp8_compute_mode`` for the device.
+    such a file maps onto the module key for key. ``static_input_scale``: the layer has a float32 scalar buffer
+    ``input_scale`` (a file's static activation scale, used by "scaled_mm"; upcasting needs none). ``mode`` None
+    follows ``fp8_compute_mode`` for the device.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "tensor",
-                 weight_dtype: torch.dtype = E4M3, device=None):
+                 weight_dtype: torch.dtype = E4M3, device=None, static_input_scale: bool = False):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"scale granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -275,6 +284,8 @@ class FP8Linear(nn.Module):
             self.register_parameter("bias", None)
         shape = () if granularity == "tensor" else (out_features, 1)
         self.register_buffer("scale_weight", torch.ones(shape, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device)
+                             if static_input_scale else None)
         self.mode: str | None = None
         self.cpu_kernel = False  # a forced "scaled_mm" may run on torch's CPU kernel (tests, benchmarks)
 
@@ -301,13 +312,14 @@ class FP8Linear(nn.Module):
             if mode == "scaled_mm":  # forced: the device must be able to (a cached look-up after the first call)
                 check_forced_scaled_mm(x.device, self.cpu_kernel)
         if mode == "scaled_mm" and self.weight.dtype == E4M3:
-            return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)
+            return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantised_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{str(self.weight.dtype).removeprefix('torch.')}, per-{self.granularity} scale")
+                f"{str(self.weight.dtype).removeprefix('torch.')}, per-{self.granularity} scale"
+                + (", static input scale" if self.input_scale is not None else ""))
 
 
 def set_fp8_compute(model: nn.Module, mode: str | None, *, cpu_kernel: bool = False) -> int:

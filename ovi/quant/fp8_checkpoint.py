@@ -11,8 +11,15 @@ Layouts read (all keep norms, biases and modulation tables in bf16/fp32):
 * ``comfy-scaled``: ComfyUI's scaled-fp8 convention: a ``scaled_fp8`` marker tensor (its dtype names the
   FP8 format, its values are unused) and ``<layer>.scale_weight`` per FP8 layer; ``<layer>.scale_input``
   (static activation scales) is ignored, activation scales being dynamic here.
-* ``ovi``: files written by ``python -m ovi convert --to fp8``: the ComfyUI convention plus header metadata
-  naming the format, scale granularity and source variant.
+* ``ovi``: files written by ``python -m ovi convert --to fp8 --fp8-format scaled_fp8``: the ComfyUI convention
+  plus header metadata naming the format, scale granularity and source variant.
+* ``comfy-quant``: ComfyUI's mixed-precision format (``quant.comfy_quant``): the quantized layers are listed by
+  name in the header metadata ``_quantization_metadata`` and/or per-layer ``<layer>.comfy_quant`` tensors, each
+  with ``<layer>.weight_scale`` and, for float8, an optional static ``<layer>.input_scale``; layers not listed are
+  plain tensors. float8_e4m3fn / float8_e5m2 layers load into ``FP8Linear`` (an input scale is used as the
+  activation scale of ``_scaled_mm``); int8_tensorwise layers are dequantised at load.
+* ``ovi-comfy-quant``: that format as ``python -m ovi convert --to fp8`` writes it by default, with our header
+  metadata as for ``ovi``.
 
 Effective weight = ``weight.float() * scale_weight``; a scale is a scalar ([] or [1]) or one per output row
 ([out] or [out, 1]), stored as float32, float16 or bfloat16, finite and positive; a weight with a scale is FP8.
@@ -34,6 +41,8 @@ from torch import nn
 
 from ..loading import FP8_DTYPES, CheckpointError, DerivedSource, TensorSource, meta_device
 from ..log import log
+from .comfy_quant import (FLOAT8_FORMATS, INPUT_SCALE, LAYER_SUFFIX, QUANT_METADATA_KEY, WEIGHT_DTYPES, WEIGHT_SCALE,
+                          QuantLayer, read_quant_layers)
 from .fp8 import FP8Linear, dequantise_fp8
 
 MARKER = "scaled_fp8"
@@ -56,7 +65,12 @@ LAYOUT_DESCRIPTIONS = {
     "kj-scaled": "e4m3fn + float32 scale_weight per layer (ComfyUI-WanVideoWrapper *_fp8_e4m3fn_scaled_KJ layout)",
     "comfy-scaled": "ComfyUI scaled-fp8 convention (scaled_fp8 marker + <layer>.scale_weight)",
     "ovi": "ComfyUI scaled-fp8 convention, written by `python -m ovi convert`",
+    "comfy-quant": "ComfyUI mixed-precision ({origin})",
+    "ovi-comfy-quant": "ComfyUI mixed-precision ({origin}), written by `python -m ovi convert`",
 }
+# Where a comfy-quant file lists its layers, as the layout's description names it.
+ORIGIN_HEADER = QUANT_METADATA_KEY
+ORIGIN_TENSORS = "per-layer .comfy_quant tensors"
 
 
 @dataclass(frozen=True)
@@ -66,16 +80,25 @@ class Fp8Layout:
     granularity: str      # "tensor", "channel", "mixed" or "none" (no scales)
     fp8_tensors: int
     source: str | None = None  # what an ovi file was converted from (header metadata)
+    # comfy-quant only: where the layers are listed, (format, layer count) pairs, static input scales
+    origin: str = ""
+    formats: tuple[tuple[str, int], ...] = ()
+    input_scales: int = 0
 
     @property
     def description(self) -> str:
-        return LAYOUT_DESCRIPTIONS[self.name]
+        return LAYOUT_DESCRIPTIONS[self.name].format(origin=self.origin)
 
     def summary(self) -> str:
         fmt = str(self.weight_dtype).removeprefix("torch.").replace("float8", "fp8")
         gran = {"tensor": "per-tensor scales", "channel": "per-output-channel scales", "mixed":
                 "per-tensor and per-channel scales", "none": "no scales (scale 1)"}[self.granularity]
         src = f"; converted from {self.source}" if self.source else ""
+        if self.formats:
+            layers = ", ".join(f"{n} layers {f}" + (" (dequantised at load)" if f not in FLOAT8_FORMATS else "")
+                               for f, n in self.formats)
+            statics = f", {self.input_scales} with a static input_scale" if self.input_scales else ""
+            return f"{fmt}, {gran}, {self.description}: {layers}{statics}{src}"
         return f"{fmt}, {gran}, {self.description}{src}"
 
 
@@ -113,15 +136,10 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
     for an FP8 layout this package does not know: a marker without FP8 tensors, a scale of the wrong shape,
     scales on some FP8 weights but not others, or FP8 header metadata in an unknown format."""
     metadata = metadata or {}
-    fmt = metadata.get(FORMAT_KEY)
-    if fmt is not None and fmt != FORMAT_FP8:
-        raise CheckpointError(path, f"header metadata {FORMAT_KEY}={fmt!r} names an FP8 format this version does "
-                                    f"not read (known: {FORMAT_FP8}). Convert the file again with this version.")
-    gran_meta = metadata.get(GRANULARITY_KEY)
-    if gran_meta is not None and gran_meta not in _META_GRANULARITIES:
-        raise CheckpointError(path, f"header metadata {GRANULARITY_KEY}={gran_meta!r} is not a scale granularity "
-                                    f"({', '.join(_META_GRANULARITIES)}); the header metadata is corrupt — "
-                                    "re-convert the file.")
+    fmt, gran_meta = _ovi_metadata(metadata, path)
+    layers = read_quant_layers(sources, metadata, path)
+    if layers is not None:
+        return _comfy_quant(sources, metadata, layers, path, read_values=False)[1]
     markers = [(k, s) for k, s in sources.items() if k == MARKER or k.endswith("." + MARKER)]
     for k, s in markers:
         if s.dtype not in FP8_DTYPES or _numel(s.shape) > _MARKER_MAX_NUMEL:
@@ -189,6 +207,144 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
 
 
 _META_GRANULARITIES = ("tensor", "channel")  # what the converter writes under GRANULARITY_KEY
+
+
+def _ovi_metadata(metadata: Mapping[str, str], path) -> tuple[str | None, str | None]:
+    """Our FP8 header metadata (format, granularity), each checked when present."""
+    fmt = metadata.get(FORMAT_KEY)
+    if fmt is not None and fmt != FORMAT_FP8:
+        raise CheckpointError(path, f"header metadata {FORMAT_KEY}={fmt!r} names an FP8 format this version does "
+                                    f"not read (known: {FORMAT_FP8}). Convert the file again with this version.")
+    gran_meta = metadata.get(GRANULARITY_KEY)
+    if gran_meta is not None and gran_meta not in _META_GRANULARITIES:
+        raise CheckpointError(path, f"header metadata {GRANULARITY_KEY}={gran_meta!r} is not a scale granularity "
+                                    f"({', '.join(_META_GRANULARITIES)}); the header metadata is corrupt — "
+                                    "re-convert the file.")
+    return fmt, gran_meta
+
+
+def fp8_file_sources(sources: Mapping[str, TensorSource], metadata: Mapping[str, str] | None,
+                     path) -> tuple[dict[str, TensorSource], Fp8Layout | None]:
+    """One file's tensors in the form the FP8 loader and the converters take, and its FP8 layout (None: not a
+    quantized file). Every layout is checked from the header, then its scale values are read and checked.
+
+    The form: an FP8 weight's scale is ``<layer>.scale_weight``; a comfy-quant float8 layer keeps its static
+    ``<layer>.input_scale``; int8 layers are their dequantised float32 weights; markers, other input scales and
+    ``.comfy_quant`` entries are gone."""
+    metadata = metadata or {}
+    _ovi_metadata(metadata, path)
+    layers = read_quant_layers(sources, metadata, path)
+    if layers is not None:
+        return _comfy_quant(sources, metadata, layers, path, read_values=True)
+    layout = detect_fp8_layout(sources, metadata, path)
+    if layout is not None:
+        check_scale_values(sources, path)
+    return strip_fp8_extras(sources), layout
+
+
+def _layer_of(key: str, suffixes: tuple[str, ...]) -> str | None:
+    for suffix in suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
+
+
+def _comfy_quant(sources: Mapping[str, TensorSource], metadata: Mapping[str, str], layers: Mapping[str, QuantLayer],
+                 path, *, read_values: bool) -> tuple[dict[str, TensorSource], Fp8Layout | None]:
+    """Check a comfy-quant file's tensors against its listed ``layers``; (sources in the loader's form, layout)."""
+    old = [k for k in sources if k == MARKER or k.endswith(("." + MARKER, SCALE, ".scale_input"))]
+    if old:
+        raise CheckpointError(path, f"{old[0]} belongs to the older scaled_fp8 convention, but the file also lists "
+                                    f"its quantized layers the mixed-precision way ({QUANT_METADATA_KEY} / "
+                                    f"{LAYER_SUFFIX}). It mixes two formats; convert it again.")
+    float8: dict[str, torch.dtype] = {}
+    grans: dict[str, str] = {}
+    inputs: list[str] = []
+    for name, layer in layers.items():
+        w = sources[name + ".weight"]
+        want = WEIGHT_DTYPES[layer.format]
+        if w.dtype != want or len(w.shape) != 2:
+            raise CheckpointError(path, f"{name}.weight is {_describe(w)}, but {layer.origin} lists {name} as "
+                                        f"{layer.format}, whose weight is a 2-D {_dtype_name(want)} tensor. The file "
+                                        "is corrupt or its quantization metadata belongs to other tensors.")
+        scale = sources.get(name + WEIGHT_SCALE)
+        if scale is None:
+            raise CheckpointError(path, f"{layer.origin} lists {name} as {layer.format}, but the file has no "
+                                        f"{name}{WEIGHT_SCALE}. The file is incomplete or corrupt.")
+        if scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(path, f"{name}{WEIGHT_SCALE} is {_dtype_name(scale.dtype)}; a weight scale is "
+                                        f"{'/'.join(map(_dtype_name, SCALE_DTYPES))} (an integer scale would multiply "
+                                        "the layer by its raw bits). The file is corrupt.")
+        g = _granularity(tuple(scale.shape), tuple(w.shape))
+        if g is None:
+            raise CheckpointError(path, f"{name}{WEIGHT_SCALE} has shape {list(scale.shape)}; a scale is a scalar or "
+                                        f"one value per output row of {name}.weight {list(w.shape)}. The file is "
+                                        "corrupt.")
+        grans[name] = g
+        static = sources.get(name + INPUT_SCALE)
+        if static is not None:
+            if layer.format not in FLOAT8_FORMATS:
+                raise CheckpointError(path, f"{name}{INPUT_SCALE}: {layer.format} layers have no static input scale "
+                                            "(activations are scaled per row at run time). The file is corrupt.")
+            if static.dtype not in SCALE_DTYPES or _numel(static.shape) != 1 or len(static.shape) > 1:
+                raise CheckpointError(path, f"{name}{INPUT_SCALE} is {_describe(static)}; an input scale is one "
+                                            f"{'/'.join(map(_dtype_name, SCALE_DTYPES))} value. The file is corrupt.")
+            inputs.append(name)
+        if layer.format in FLOAT8_FORMATS:
+            float8[name] = want
+    for key, s in sources.items():
+        owner = _layer_of(key, (WEIGHT_SCALE, INPUT_SCALE))
+        if owner is not None and owner not in layers:
+            raise CheckpointError(path, f"{key} belongs to layer {owner}, which {QUANT_METADATA_KEY} / "
+                                        f"{LAYER_SUFFIX} does not list. The file is corrupt or its quantization "
+                                        "metadata is incomplete.")
+        listed = key.endswith(".weight") and key[: -len(".weight")] in layers
+        stored_quantized = s.dtype in FP8_DTYPES or (key.endswith(".weight") and not s.dtype.is_floating_point)
+        if owner is None and not key.endswith(LAYER_SUFFIX) and not listed and stored_quantized:
+            raise CheckpointError(path, f"{key} is {_dtype_name(s.dtype)} but its layer is not listed in "
+                                        f"{QUANT_METADATA_KEY} / {LAYER_SUFFIX}: without an entry a reader takes the "
+                                        "raw values unscaled. The file is corrupt or its quantization metadata is "
+                                        "incomplete.")
+    if len(set(float8.values())) > 1:
+        raise CheckpointError(path, "unknown FP8 layout: the file mixes float8_e4m3fn and float8_e5m2 layers.")
+    if read_values:
+        check_scale_values({n + WEIGHT_SCALE: sources[n + WEIGHT_SCALE] for n in layers}, path)
+        for name in inputs:
+            t = sources[name + INPUT_SCALE].load().float()
+            if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                raise CheckpointError(path, f"{name}{INPUT_SCALE} holds {t.reshape(-1)[0].item():g}; an input scale "
+                                            "is finite and > 0. The file is corrupt.")
+    out: dict[str, TensorSource] = {}
+    for key, s in sources.items():
+        if key.endswith(LAYER_SUFFIX):
+            continue
+        owner = _layer_of(key, (WEIGHT_SCALE,))
+        if owner is not None:
+            if owner in float8:
+                out[owner + SCALE] = s
+            continue  # an int8 layer's scale is folded into its weight below
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        if name in layers and name not in float8:
+            out[key] = _dequantised(s, sources[name + WEIGHT_SCALE], torch.float32)
+        else:
+            out[key] = s
+    if not layers:
+        return out, None
+    counts = {f: sum(1 for x in layers.values() if x.format == f) for f in WEIGHT_DTYPES}
+    gran_set = {g for n, g in grans.items() if n in float8} or set(grans.values())
+    granularity = gran_set.pop() if len(gran_set) == 1 else "mixed"
+    gran_meta = metadata.get(GRANULARITY_KEY)
+    if gran_meta is not None and gran_meta != granularity:
+        raise CheckpointError(path, f"header metadata {GRANULARITY_KEY}={gran_meta!r}, but the scales are "
+                                    f"{granularity}; the header metadata is corrupt — re-convert the file.")
+    if metadata.get(FORMAT_KEY) is not None and not float8:
+        raise CheckpointError(path, f"header metadata {FORMAT_KEY} says FP8, but the file lists no float8 layers; "
+                              "the header metadata is corrupt — re-convert the file or remove the metadata.")
+    origin = ORIGIN_HEADER if any(x.origin == QUANT_METADATA_KEY for x in layers.values()) else ORIGIN_TENSORS
+    name = "ovi-comfy-quant" if metadata.get(FORMAT_KEY) == FORMAT_FP8 else "comfy-quant"
+    weight_dtype = next(iter(float8.values())) if float8 else torch.int8
+    return out, Fp8Layout(name, weight_dtype, granularity, len(float8), metadata.get(SOURCE_KEY), origin,
+                          tuple((f, n) for f, n in counts.items() if n), len(inputs))
 
 
 def _numel(shape) -> int:
@@ -271,7 +427,7 @@ def dequantised_sources(sources: Mapping[str, TensorSource], dtype: torch.dtype 
     a converter still holds one tensor at a time."""
     out: dict[str, TensorSource] = {}
     for key, s in sources.items():
-        if key.endswith(SCALE):
+        if key.endswith((SCALE, INPUT_SCALE)):  # static input scales mean nothing once the weights are dequantised
             continue
         scale = sources.get(key[: -len(".weight")] + SCALE) if key.endswith(".weight") else None
         out[key] = _dequantised(s, scale, dtype) if s.dtype in FP8_DTYPES or scale is not None else s
@@ -281,26 +437,35 @@ def dequantised_sources(sources: Mapping[str, TensorSource], dtype: torch.dtype 
 def prepare_fp8_model(model: nn.Module, sources: Mapping[str, TensorSource], path) -> tuple[dict[str, TensorSource], int]:
     """Swap every ``nn.Linear`` of ``model`` (built on meta) whose weight is FP8 in ``sources`` for an
     ``FP8Linear`` with the file's scale granularity; any other FP8 tensor (or scaled non-FP8 weight) is
-    dequantised at load. Returns the sources keyed for the changed model and the number of FP8 linears."""
-    src = strip_fp8_extras(sources)
+    dequantised at load. ``sources``: in ``fp8_file_sources``' form, so a ``<layer>.input_scale`` left in them is
+    a comfy-quant static activation scale, which the layer keeps. Returns the sources keyed for the changed model
+    and the number of FP8 linears."""
+    src = dict(sources)
     owners = dict(model.named_modules())
     out: dict[str, TensorSource] = {}
     count = 0
     consumed: set[str] = set()
     for key, s in src.items():
-        if key.endswith(SCALE):
+        if key.endswith((SCALE, INPUT_SCALE)):
             continue
         module_name, _, leaf = key.rpartition(".")
         scale = src.get(module_name + SCALE) if leaf == "weight" else None
         if scale is not None:
             consumed.add(module_name + SCALE)
+        static = src.get(module_name + INPUT_SCALE) if leaf == "weight" else None
+        if static is not None:
+            consumed.add(module_name + INPUT_SCALE)
         module = owners.get(module_name)
         if s.dtype in FP8_DTYPES and leaf == "weight" and isinstance(module, nn.Linear) and len(s.shape) == 2:
             gran = "tensor" if scale is None else _granularity(tuple(scale.shape), tuple(s.shape))
             if gran is None:
                 raise CheckpointError(path, f"unknown FP8 layout: {module_name}{SCALE} has shape {list(scale.shape)}.")
             with meta_device():
-                fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, gran, s.dtype)
+                fp8 = FP8Linear(module.in_features, module.out_features, module.bias is not None, gran, s.dtype,
+                                static_input_scale=static is not None)
+            if static is not None:
+                out[module_name + INPUT_SCALE] = DerivedSource((static,), lambda t: t.to(torch.float32).reshape(()),
+                                                               (), torch.float32)
             parent, _, child = module_name.rpartition(".")
             setattr(owners[parent] if parent else model, child, fp8)
             owners[module_name] = fp8
@@ -314,12 +479,17 @@ def prepare_fp8_model(model: nn.Module, sources: Mapping[str, TensorSource], pat
             out[key] = _dequantised(s, scale, torch.float32)
         else:
             out[key] = s
-    stray = [k for k in src if k.endswith(SCALE) and k not in consumed]
+    stray = [k for k in src if k.endswith((SCALE, INPUT_SCALE)) and k not in consumed]
     if stray:
         raise CheckpointError(path, f"unknown FP8 layout: {len(stray)} scale tensors have no matching weight (first: "
                                     f"{stray[0]}).")
     log.debug("fp8: %d linear layers keep FP8 weights", count)
     return out, count
+
+
+def keeps_stored_dtype(name: str, t: torch.Tensor) -> bool:
+    """For the loader: FP8 weights and their float32 weight/input scales keep the dtype they were prepared in."""
+    return t.dtype in FP8_DTYPES or name.endswith((SCALE, INPUT_SCALE))
 
 
 # Which weights the converter quantises: the 2-D linears of every block (attention, fusion k/v, FFN).
