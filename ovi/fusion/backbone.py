@@ -3,8 +3,9 @@
 Module and parameter names reproduce the official state-dict keys exactly. Norms and modulation
 compute in the dtype of their input (float32 for parity, bf16 in production); the timestep sinusoid
 and RoPE run in float64. Timestep-dependent modulation is held per token *group* ([B, G, ...], the
-tokens split into G equal consecutive runs: G = 1 for a shared timestep, G = frames when frame 0 is
-clean), so it is never materialised per token.
+tokens split into G equal consecutive runs: G = 1 for a shared timestep, G = frames when some latent
+frames are clean, G = tokens for audio with clean tokens), so video modulation is never materialised
+per token.
 """
 
 from __future__ import annotations

@@ -19,6 +19,19 @@ from .config import FusionConfig
 from .rope import Rope, audio_rope, video_rope
 
 
+@dataclass(frozen=True)
+class CleanTokens:
+    """Which tokens are already clean and see t = 0 instead of the step's timestep.
+
+    ``video_frames``: bool [F] over latent frames (every token of a marked frame); ``audio_tokens``: bool [L_a]
+    over audio latent tokens. None marks nothing. Video modulation then runs with one group per latent
+    frame, audio modulation with one group per token.
+    """
+
+    video_frames: torch.Tensor | None = None
+    audio_tokens: torch.Tensor | None = None
+
+
 @dataclass
 class FusionState:
     """Everything one forward carries from layer to layer. Modulation is per token group ([B, G, ...])."""
@@ -36,6 +49,8 @@ class FusionState:
     video_grid: tuple[int, int, int]
     audio_grid: tuple[int]
     unbatched: bool = False
+    video_t: torch.Tensor | None = None  # [B, G_v] the timestep each video token group sees
+    audio_t: torch.Tensor | None = None  # [B, G_a]
 
 
 class FusionModel(nn.Module):
@@ -75,15 +90,17 @@ class FusionModel(nn.Module):
     def forward(self, video_latent: torch.Tensor | Sequence[torch.Tensor],
                 audio_latent: torch.Tensor | Sequence[torch.Tensor], t: torch.Tensor | float,
                 video_context: torch.Tensor | Sequence[torch.Tensor],
-                audio_context: torch.Tensor | Sequence[torch.Tensor], *, first_frame_is_clean: bool = False,
-                slg_layer: int = 0):
+                audio_context: torch.Tensor | Sequence[torch.Tensor], *,
+                first_frame_is_clean: bool | CleanTokens = False, slg_layer: int = 0):
         """Velocity predictions (video_pred, audio_pred).
 
         Latents: video [B, C, F, H, W] and audio [B, L_a, C] (or one sample without the batch dim, or
         a list of equally shaped samples; the output has the same form). ``t``: [B], [1] or a scalar,
         int64 or float. Contexts: a list of [L_i, text_dim] tensors or a [B, L, text_dim] tensor, each
-        zero-padded to text_len and attended in full, without a mask. ``slg_layer`` = s > 0 skips fused
-        layer s (both modalities); s <= 0 or s >= num_layers skips nothing.
+        zero-padded to text_len and attended in full, without a mask. ``first_frame_is_clean``: True gives
+        the tokens of latent frame 0 t = 0 (I2AV); a ``CleanTokens`` names the clean video frames and audio
+        tokens (the sampling loop's model_fn passes either form in the same argument). ``slg_layer`` = s > 0
+        skips fused layer s (both modalities); s <= 0 or s >= num_layers skips nothing.
         """
         state = self.prepare(video_latent, audio_latent, t, video_context, audio_context,
                              first_frame_is_clean=first_frame_is_clean)
@@ -94,7 +111,7 @@ class FusionModel(nn.Module):
         return self.finish(state, as_list=not torch.is_tensor(video_latent))
 
     def prepare(self, video_latent, audio_latent, t, video_context, audio_context, *,
-                first_frame_is_clean: bool = False) -> FusionState:
+                first_frame_is_clean: bool | CleanTokens = False) -> FusionState:
         vm, am = self.video_model, self.audio_model
         dtype = self._dtype()
         video, unbatched = _batch(video_latent, 4)
@@ -111,13 +128,29 @@ class FusionModel(nn.Module):
             t = t.expand(b)
         elif t.numel() != b:
             raise ValueError(f"timestep has {t.numel()} values for a batch of {b}")
+        clean = first_frame_is_clean
+        first_frame = False
+        if isinstance(clean, CleanTokens):
+            clean_frames = _clean_mask(clean.video_frames, grid_v[0], "latent frames", device)
+            clean_audio = _clean_mask(clean.audio_tokens, grid_a[0], "audio tokens", device)
+        else:
+            clean_frames = clean_audio = None
+            first_frame = bool(clean)
         t_a = t[:, None]
-        if first_frame_is_clean:
-            # Tokens of latent frame 0 see t = 0: one modulation group per latent frame.
+        if clean_audio is not None:
+            # Clean audio tokens see t = 0: one modulation group per audio token.
+            t_a = t[:, None].expand(b, grid_a[0]).clone()
+            t_a[:, clean_audio] = 0
+        if clean_frames is not None:
+            # Tokens of clean latent frames see t = 0: one modulation group per latent frame.
+            t_v = t[:, None].expand(b, grid_v[0]).clone()
+            t_v[:, clean_frames] = 0
+        elif first_frame:
+            # Tokens of latent frame 0 see t = 0 (I2AV): one modulation group per latent frame.
             t_v = t[:, None].expand(b, grid_v[0]).clone()
             t_v[:, 0] = 0
         else:
-            t_v = t_a
+            t_v = t[:, None]
         ev, ev0 = vm.embed_time(t_v, dtype)
         ea, ea0 = am.embed_time(t_a, dtype)
 
@@ -129,7 +162,8 @@ class FusionModel(nn.Module):
             video=xv, audio=xa, video_e=ev, audio_e=ea, video_e0=ev0, audio_e0=ea0,
             video_context=vm.embed_text(_pad_context(video_context, b, self.config.video.text_len, dtype, device)),
             audio_context=am.embed_text(_pad_context(audio_context, b, self.config.audio.text_len, dtype, device)),
-            video_rope=rope_v, audio_rope=rope_a, video_grid=grid_v, audio_grid=grid_a, unbatched=unbatched)
+            video_rope=rope_v, audio_rope=rope_a, video_grid=grid_v, audio_grid=grid_a, unbatched=unbatched,
+            video_t=t_v, audio_t=t_a)
 
     def forward_layer(self, i: int, s: FusionState) -> None:
         """Fused layer i, updating ``s.video`` and ``s.audio``.
@@ -169,6 +203,17 @@ def _batch(x, sample_ndim: int) -> tuple[torch.Tensor, bool]:
     if x.ndim != sample_ndim + 1:
         raise ValueError(f"expected a {sample_ndim}-D sample or a {sample_ndim + 1}-D batch, got {list(x.shape)}")
     return x, False
+
+
+def _clean_mask(mask: torch.Tensor | None, length: int, what: str, device) -> torch.Tensor | None:
+    """A CleanTokens mask checked against the token grid; None when it marks nothing."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool or mask.ndim != 1 or mask.shape[0] != length:
+        raise ValueError(f"the clean mask over {what} must be a bool vector of length {length}, got "
+                         f"{mask.dtype} {list(mask.shape)}")
+    return mask.to(device) if bool(mask.any()) else None
 
 
 def _pad_context(ctx, b: int, text_len: int, dtype: torch.dtype, device) -> torch.Tensor:
