@@ -102,6 +102,10 @@ def _given_fusion(fusion) -> tuple[list[Path], list[str]]:
         raise ValueError(f"fusion= takes one file or a video + audio pair, got {len(paths)} paths")
     problems = [f"{COMPONENT_WORDS['fusion']}: {p} (given) " + ("is not a file" if p.exists() else "does not exist")
                 for p in paths if not p.is_file()]
+    if len(paths) == 1 and not problems:
+        from .detect import split_pair
+
+        paths = split_pair(paths[0])  # one half of a split pack: its partner comes from beside it
     return paths, problems
 
 

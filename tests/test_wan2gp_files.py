@@ -227,7 +227,9 @@ def test_engine_generates_from_the_bf16_pair_like_the_original(tiny_dir, pairs, 
 
 
 def test_engine_generates_from_the_int8_pair(tiny_dir, pairs, bf16_run):
-    e = OviEngine.from_dir(tiny_dir, fusion=split_pair(pairs["quanto_bf16_int8"]["video"]), memory_mode="all_gpu")
+    # one half given: the engine finds its partner beside it, as the nodes do
+    e = OviEngine.from_dir(tiny_dir, fusion=pairs["quanto_bf16_int8"]["audio"], memory_mode="all_gpu")
+    assert [Path(p).name for p in e.paths["fusion"]] == [pairs["quanto_bf16_int8"][b].name for b in ("video", "audio")]
     assert e.variant.name == "720x720_5s"
     e.load()
     assert e.fusion_model.audio_model.blocks[0].self_attn.q.weight.dtype == torch.int8
