@@ -114,14 +114,15 @@ def test_renoised_region_follows_the_formula_each_step(model):
     assert torch.equal(record["audio_inputs"][0][~tm], inp["audio_noise"][~tm])
     # ...and eps is a stream of its own, fixed by the seed.
     assert not torch.allclose(eps_v, inp["video_noise"]) and not torch.allclose(eps_a, inp["audio_noise"])
-    assert torch.equal(renoise_noise(kv.shape, seed), eps_v) and not torch.equal(renoise_noise(kv.shape, seed + 1), eps_v)
+    assert torch.equal(renoise_noise(kv.shape, seed), eps_v)
+    assert not torch.equal(renoise_noise(kv.shape, seed + 1), eps_v)
     # Renoised tokens keep the step's scalar timestep: the model is told of no clean tokens.
     assert all(clean is False for _, clean, _ in calls)
     assert torch.equal(video[:, fm], kv[:, fm]) and torch.equal(audio[tm], ka[tm])
 
 
 def _spy_prepare(model, seen: list):
-    """Record the per-group timesteps of every forward the model prepares."""
+    """A stand-in for ``model.prepare`` that records the per-group timesteps of every forward."""
     original = model.prepare
 
     def prepare(*args, **kw):
@@ -129,7 +130,7 @@ def _spy_prepare(model, seen: list):
         seen.append((state.video_t.clone(), state.audio_t.clone()))
         return state
 
-    return original, prepare
+    return prepare
 
 
 def test_clean_regions_see_t0(model, monkeypatch):
@@ -137,8 +138,7 @@ def test_clean_regions_see_t0(model, monkeypatch):
     kv, ka = known_latents()
     fm, tm = _region_masks()
     seen = []
-    _, spy = _spy_prepare(model, seen)
-    monkeypatch.setattr(model, "prepare", spy)
+    monkeypatch.setattr(model, "prepare", _spy_prepare(model, seen))
     calls = []
     _sample(model, inp, calls, video_known=KnownRegion(kv, fm, "clean"), audio_known=KnownRegion(ka, tm, "clean"))
     timesteps = make_schedule("unipc", STEPS, 5.0).timesteps
@@ -157,8 +157,7 @@ def test_audio_clean_alone_leaves_video_on_the_step_timestep(model, monkeypatch)
     _, ka = known_latents()
     tm = range_mask(TOKENS, *KNOWN_TOKENS)
     seen = []
-    _, spy = _spy_prepare(model, seen)
-    monkeypatch.setattr(model, "prepare", spy)
+    monkeypatch.setattr(model, "prepare", _spy_prepare(model, seen))
     _, audio = _sample(model, inp, audio_known=KnownRegion(ka, tm, "clean"))
     timesteps = make_schedule("unipc", STEPS, 5.0).timesteps
     for i, (video_t, audio_t) in enumerate(seen):
