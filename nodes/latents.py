@@ -118,15 +118,21 @@ class OviLoadLatent:
 
     @classmethod
     def IS_CHANGED(cls, latent):
+        # ValueError: newer cores refuse a name whose real path leaves its folder (a traversal, or a symlink
+        # pointing outside input/ or output/latents)
         try:
             st = os.stat(cls._path(latent))
-        except OSError:
+        except (OSError, ValueError):
             return float("nan")  # never equal: re-run and let load() report the missing file
         return f"{st.st_mtime_ns}:{st.st_size}"
 
     @classmethod
     def VALIDATE_INPUTS(cls, latent):
-        if not os.path.isfile(cls._path(latent)):
+        try:
+            path = cls._path(latent)
+        except ValueError as e:
+            return f"latent file not usable: {latent}: {e}"
+        if not os.path.isfile(path):
             return f"latent file not found: {latent}"
         return True
 

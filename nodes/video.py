@@ -40,7 +40,8 @@ class OviSaveVideo:
             filename_prefix, out, frames.shape[2], frames.shape[1])
         os.makedirs(folder, exist_ok=True)
         file = f"{name}_{counter:05}_.mp4"
-        # The progress hook raises ComfyUI's interrupt, which aborts the write and leaves no partial file.
+        # The progress callback raises ComfyUI's interrupt after the frame where it was pressed (it polls the
+        # flag itself: newer cores throttle the progress hook); write_mp4 then removes the unfinished file.
         write_mp4(os.path.join(folder, file), frames, waveform, fps=float(fps), sample_rate=sample_rate,
                   crf=int(crf), progress=progress_bar(frames.shape[0]))
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}],

@@ -81,6 +81,10 @@ class _Copier:
         for c in copies:
             c.record_stream(compute)
 
+    def drain(self) -> None:
+        """Wait for every copy issued on the side stream, so none still reads a master once it is dropped."""
+        self.stream.synchronize()
+
 
 class _CloneCopier:
     """A same-device stand-in for ``_Copier`` (tests): the copies are clones, ready at once."""
@@ -92,6 +96,9 @@ class _CloneCopier:
         return [t.clone() for t in tensors], None
 
     def wait(self, copies, event) -> None:
+        pass
+
+    def drain(self) -> None:
         pass
 
 
@@ -140,10 +147,17 @@ class BlockSwapper:
         return self._copier is not None
 
     def attach(self, model: nn.Module, device) -> nn.Module:
-        """Put the non-block modules and the resident layers on ``device``; returns ``model`` (ready to run)."""
+        """Put the non-block modules and the resident layers on ``device``; returns ``model`` (ready to run).
+        An attach stopped part-way (out of memory, an interrupt) is undone: the masters are back, no copies."""
         if self.model is not None:
             self.detach()
-        device = torch.device(device)
+        try:
+            return self._attach(model, torch.device(device))
+        except BaseException:
+            self.detach()
+            raise
+
+    def _attach(self, model: nn.Module, device: torch.device) -> nn.Module:
         self.model, self.device = model, device
         layers = model.num_layers
         resident = min(self.resident, layers)
@@ -192,9 +206,11 @@ class BlockSwapper:
                     table[k] = t.pin_memory()
 
     def detach(self) -> None:
-        """Put every master back and drop all device copies."""
+        """Put every master back and drop all device copies (and the side stream)."""
         for i in list(self._active):
             self._evict(i)
+        if self._inflight and self._copier is not None and hasattr(self._copier, "drain"):
+            self._copier.drain()
         self._inflight.clear()
         for table, k, master in self._masters:
             table[k] = master
@@ -257,9 +273,11 @@ class BlockSwapper:
                     model.forward_layer(i, state)
                 else:
                     self._evict(i)
-        finally:
+        finally:  # also on a BaseException (a host's interrupt): no layer stays swapped in or in flight
             for i in list(self._active):
                 self._evict(i)
+            if self._inflight and hasattr(self._copier, "drain"):
+                self._copier.drain()
             self._inflight.clear()
 
     @torch.no_grad()

@@ -541,13 +541,15 @@ class OviEngine:
                                              steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
                                              audio_guidance=audio_guidance, slg_layer=slg_layer, progress=progress,
                                              should_stop=should_stop, preview=preview)
-        finally:
+        except BaseException:
+            # Any stop (Interrupted, an error, or a host's interrupt that is no Exception, like ComfyUI's):
+            # the engine ends holding what a finished diffusion leaves, so the next call starts as usual.
             del pos, vneg, aneg
+            self._release_after_diffusion()
+            raise
+        del pos, vneg, aneg
         with self.report.phase("release"):
-            if self.memory_mode == "all_gpu":
-                self._drop("fusion", "text_encoder")
-                log.info("released the fusion model and the text encoder for decoding")
-            memory.defragment(self.device)
+            self._release_after_diffusion()
 
         timings = {r.phase: r.seconds for r in self.report.rows}
         timings["total"] = time.perf_counter() - t_start
@@ -558,6 +560,12 @@ class OviEngine:
                           audio_guidance=audio_guidance, slg_layer=slg_layer,
                           video_negative_prompt=video_negative_prompt, audio_negative_prompt=audio_negative_prompt),
             image_latent=None if image_latent is None else image_latent.cpu(), timings=timings)
+
+    def _release_after_diffusion(self) -> None:
+        if self.memory_mode == "all_gpu":
+            self._drop("fusion", "text_encoder")
+            log.info("released the fusion model and the text encoder for decoding")
+        memory.defragment(self.device)
 
     def _prepare_image(self, image, size) -> torch.Tensor:
         """[1, 3, H, W] in [-1, 1]: the official preprocessing at the variant's area, or exactly ``size``."""
@@ -584,16 +592,17 @@ class OviEngine:
     def _diffuse(self, v: Variant, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent, *, steps, solver,
                  shift, video_guidance, audio_guidance, slg_layer, progress, should_stop, preview=None):
         slot = self._slots["fusion"]
-        if self.memory_mode == "block_swap":
-            host = slot.ensure_host(self.device, self.dtype)
-            if self._swapper is not None:
-                model = self._swapper.attach(host, self.device)
-                self._runner = self._swapper
-            else:
-                model = host
-        else:
-            model = self._acquire("fusion")
+        model = None
         try:
+            if self.memory_mode == "block_swap":
+                host = slot.ensure_host(self.device, self.dtype)
+                if self._swapper is not None:
+                    self._runner = self._swapper  # set first: a half-done attach is detached below too
+                    model = self._swapper.attach(host, self.device)
+                else:
+                    model = host
+            else:
+                model = self._acquire("fusion")
             if hasattr(model, "set_attention"):
                 model.set_attention(self._attention)
             want = model.config.video.text_dim
@@ -649,29 +658,37 @@ class OviEngine:
             if progress is not None:
                 progress(done, total)
 
-        with self.report.phase("decode video"):
-            vae = self._acquire("video_vae", vae_dtype)
-            kw: dict[str, Any] = {"tile_size": tile or None, "progress": on_frame}
-            if overlap is not None:
-                kw["tile_overlap"] = overlap
-            if "output_device" in inspect.signature(vae.decode).parameters:
-                kw["output_device"] = "cpu"  # the finished frames collect in host RAM, not on the device
-            out = vae.decode(result.video_latent[None].to(self.device), **kw)
-            del vae
-            frames = torch.empty(out.shape[2], out.shape[3], out.shape[4], 3, dtype=torch.float32)
-            for i in range(0, out.shape[2], 16):
-                chunk = (out[0, :, i:i + 16].float() + 1.0) / 2.0
-                frames[i:i + 16] = chunk.clamp_(0.0, 1.0).permute(1, 2, 3, 0).cpu()
-            del out, chunk
+        try:
+            with self.report.phase("decode video"):
+                vae = self._acquire("video_vae", vae_dtype)
+                kw: dict[str, Any] = {"tile_size": tile or None, "progress": on_frame}
+                if overlap is not None:
+                    kw["tile_overlap"] = overlap
+                if "output_device" in inspect.signature(vae.decode).parameters:
+                    kw["output_device"] = "cpu"  # the finished frames collect in host RAM, not on the device
+                out = vae.decode(result.video_latent[None].to(self.device), **kw)
+                del vae
+                frames = torch.empty(out.shape[2], out.shape[3], out.shape[4], 3, dtype=torch.float32)
+                for i in range(0, out.shape[2], 16):
+                    chunk = (out[0, :, i:i + 16].float() + 1.0) / 2.0
+                    frames[i:i + 16] = chunk.clamp_(0.0, 1.0).permute(1, 2, 3, 0).cpu()
+                del out, chunk
+                if self.memory_mode != "all_gpu":
+                    self._drop("video_vae")
+            with self.report.phase("decode audio"):
+                audio = self._acquire("audio", self.options.audio_dtype)
+                waveform = audio.decode(result.audio_latent[None].to(self.device))[0].float().cpu()
+                del audio
+                if self.memory_mode != "all_gpu":
+                    self._drop("audio")
+                memory.defragment(self.device)
+        except BaseException:
+            # Stopped part-way (Interrupted, an error, a host's BaseException interrupt): the decoders leave the
+            # device as a finished decode leaves them, so no device copy outlives the call.
             if self.memory_mode != "all_gpu":
-                self._drop("video_vae")
-        with self.report.phase("decode audio"):
-            audio = self._acquire("audio", self.options.audio_dtype)
-            waveform = audio.decode(result.audio_latent[None].to(self.device))[0].float().cpu()
-            del audio
-            if self.memory_mode != "all_gpu":
-                self._drop("audio")
+                self._drop("video_vae", "audio")
             memory.defragment(self.device)
+            raise
         log.info("memory by phase:\n%s", self.report.table())
         v = get_variant(result.variant)
         return DecodedClip(frames=frames, waveform=waveform, fps=v.fps, sample_rate=v.sample_rate,

@@ -66,19 +66,22 @@ class OviModelPatcher(ModelPatcher):
         return self.load_device if self.loaded_size() else self.offload_device
 
     # -- ComfyUI's load / unload calls ------------------------------------------------------------------
-    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False) -> int:
+    # Core passes more keywords in newer releases (and may add more): the overrides take and ignore them.
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False, *args, **kwargs) -> int:
         return 0  # the engine loads each component when its phase starts
 
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False) -> int:
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False, *args, **kwargs) -> int:
         return self.release("ComfyUI needed device memory", keep_host=True)
 
-    def detach(self, unpatch_all=True):
+    def detach(self, unpatch_all=True, *args, **kwargs):
         # unpatch_all=False is ComfyUI re-registering a model it is about to use again: weights stay.
         if unpatch_all:
             self.release("ComfyUI unloaded models")
         return self.model
 
-    def clone(self):
+    def clone(self, *args, **kwargs):
+        # newer cores call clone(disable_dynamic=..., model_override=..., force_deepcopy=...); none of them
+        # applies to an engine that owns its weights
         return self  # one engine, one entry on ComfyUI's list: a clone would only make ComfyUI unload it
 
     def __del__(self):

@@ -1,8 +1,12 @@
 """ComfyUI's progress bar and interrupt, bridged to the engine's ``progress(done, total)`` / ``should_stop()``.
 
 The engine checks ``should_stop`` before every denoising step and every decoded latent frame, so the
-interrupt button takes effect within one step. ComfyUI's progress hook also raises on an interrupt; either
-way the node ends with ComfyUI's own ``InterruptProcessingException``, which the UI shows as "interrupted".
+interrupt button takes effect within one step. Every ``progress_bar`` update also checks the interrupt flag
+itself: ComfyUI's progress hook raises on an interrupt too, but newer cores call the hook at most every
+100 ms (and every 0.5 %), so a writer or converter driven by the bar would otherwise run on. Either way the
+node ends with ComfyUI's own ``InterruptProcessingException`` (an ``Exception`` up to 0.3.x, a
+``BaseException`` in newer cores, so the pack cleans up in ``finally`` / ``except BaseException``), which the UI
+shows as "interrupted".
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from typing import Callable, Iterator
 
 
 def progress_bar(total: int) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback driving a ComfyUI progress bar on the running node."""
+    """A ``progress(done, total)`` callback driving a ComfyUI progress bar on the running node; it raises
+    ComfyUI's interrupt as soon as the flag is set, whether or not the (throttled) hook ran."""
+    import comfy.model_management
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total)
 
     def update(done: int, total_now: int) -> None:
         bar.update_absolute(done, total_now)
+        comfy.model_management.throw_exception_if_processing_interrupted()
 
     return update
 
