@@ -292,10 +292,16 @@ def progress_without_hook():  # progress bars raise the interrupt themselves, ho
 
 
 def save_video_interrupted():  # OviSaveVideo stopped part-way: ComfyUI's interrupt, no file, no thread
-    def hook(value, total, preview, node_id=None):  # sets the flag at frame 3 but never raises
+    # the user presses Cancel while frame 3 is written; no hook runs (as between two calls of a throttled one)
+    comfy.utils.set_progress_bar_global_hook(None)
+    update = comfy.utils.ProgressBar.update_absolute
+
+    def update_and_press(self, value, total=None, preview=None):
+        update(self, value, total, preview)
         if value == 3:
             mm.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(hook)
+
+    comfy.utils.ProgressBar.update_absolute = update_and_press
     outdir = tempfile.mkdtemp(prefix="ovi-compat-out-")
     folder_paths.set_output_directory(outdir)
     threads = set(threading.enumerate())
@@ -307,7 +313,7 @@ def save_video_interrupted():  # OviSaveVideo stopped part-way: ComfyUI's interr
     except mm.InterruptProcessingException:
         out["save_raised"] = "InterruptProcessingException"
     finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.utils.ProgressBar.update_absolute = update
         mm.interrupt_current_processing(False)
     out["save_files"] = sorted(os.path.relpath(os.path.join(r, f), outdir) for r, _, fs in os.walk(outdir)
                                for f in fs)

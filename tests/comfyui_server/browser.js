@@ -19,6 +19,12 @@ const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-
   '--disable-dev-shm-usage'];
 // Frontend-only node types: never in /object_info, always creatable.
 const VIRTUAL_TYPES = new Set(['Note', 'MarkdownNote', 'Reroute', 'PrimitiveNode']);
+// What the frontend opens over the canvas to report a problem: a PrimeVue dialog (1.32.x: "This workflow has
+// missing nodes") or, from 1.40 on, the error overlay card ("Missing node: <type>", non-modal, with a dismiss
+// button). Both count as dialogs in the summary.
+const DIALOG = '.p-dialog';
+const OVERLAY = '[data-testid="error-overlay"]';
+const OVERLAY_DISMISS = '[data-testid="error-overlay-dismiss"]';
 
 function parseArgs(argv) {
   const a = { chromium: '/usr/bin/chromium', timeoutMs: 90000, run: false };
@@ -112,18 +118,19 @@ async function main(args, summary, state) {
   await painted(page); // the canvas has drawn the loaded graph
   mark('graph_loaded');
 
-  const graph = await page.evaluate(async () => {
+  const graph = await page.evaluate(async (sel) => {
     const nodes = window.app.graph._nodes || [];
     const registry = (window.LiteGraph && window.LiteGraph.registered_node_types) || null;
     const info = await (await fetch('/object_info')).json();
-    const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map((d) =>
-      (d.querySelector('.p-dialog-title, .p-dialog-header') || d).innerText.trim().slice(0, 120));
+    const dialogs = Array.from(document.querySelectorAll(sel.dialog)).map((d) =>
+      (d.querySelector('.p-dialog-title, .p-dialog-header') || d).innerText.trim().slice(0, 120))
+      .concat(Array.from(document.querySelectorAll(sel.overlay)).map((d) => d.innerText.trim().slice(0, 120)));
     return {
       nodes: nodes.map((n) => ({ id: n.id, type: n.type, title: n.title,
         unknown: !!(n.has_errors && n.last_serialization) || (registry ? !(n.type in registry) : false) })),
       object_info_types: Object.keys(info), has_registry: !!registry, dialogs,
     };
-  });
+  }, { dialog: DIALOG, overlay: OVERLAY });
   const known = new Set(graph.object_info_types);
   summary.node_types = [...new Set(graph.nodes.map((n) => n.type))].sort();
   summary.node_count = graph.nodes.length;
@@ -137,11 +144,15 @@ async function main(args, summary, state) {
     summary.prompt = await runFromUi(page, args, left);
     mark('prompt_done');
   }
-  // Dialogs (missing nodes, errors) would cover the graph in the picture; the summary already lists them.
-  for (let i = 0, open; i < 3 && (open = await page.locator('.p-dialog').count()); i++) {
-    await page.keyboard.press('Escape');
-    await page.waitForFunction((n) => document.querySelectorAll('.p-dialog').length < n, open,
-      { timeout: left(), polling: 50 }).catch(() => {});
+  // Dialogs and the error overlay (missing nodes, errors) would cover the graph in the picture; the summary
+  // already lists them. A dialog closes on Escape, the overlay through its dismiss button.
+  const openCount = () => page.evaluate((sel) => document.querySelectorAll(sel).length, `${DIALOG}, ${OVERLAY}`);
+  for (let i = 0, open; i < 4 && (open = await openCount()); i++) {
+    const dismiss = page.locator(OVERLAY_DISMISS).first();
+    if (await dismiss.count()) await dismiss.click({ timeout: left() }).catch(() => page.keyboard.press('Escape'));
+    else await page.keyboard.press('Escape');
+    await page.waitForFunction(({ sel, n }) => document.querySelectorAll(sel).length < n,
+      { sel: `${DIALOG}, ${OVERLAY}`, n: open }, { timeout: left(), polling: 50 }).catch(() => {});
   }
   await painted(page);
   await page.screenshot({ path: args.screenshot, timeout: left() });

