@@ -10,28 +10,17 @@ import pytest
 import torch
 
 from ovi.sampling.guidance import needs_negative_pass
-from ovi.sampling.loop import sample
 from ovi.sampling.schedules import make_schedule
 from ovi.sampling.stats import SamplingStats
 from ovi.sampling.step_cache import FULL_STEPS_AT_START, StepCache
-from tiny_sampling import SLG, inputs, load_tiny, model_fn, reference_sample
+from tiny_sampling import GUIDE, STEPS, inputs, load_tiny, reference_sample, run_sample
 
-STEPS = 3
 CACHE_STEPS = 6  # the first two and the last step always run, so three can be cached
-GUIDE = dict(video_guidance=4.0, audio_guidance=3.0)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_dir):
     return load_tiny(tiny_dir)
-
-
-def _sample(model, inp, calls=None, **kw):
-    inp = dict(inp)
-    video, audio = inp.pop("video_noise"), inp.pop("audio_noise")
-    opts = dict(solver="unipc", steps=STEPS, shift=5.0, slg_layer=SLG, **GUIDE)
-    opts.update(kw)
-    return sample(model_fn(model, calls), video, audio, **inp, **opts)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -49,14 +38,14 @@ def test_guidance_one_runs_one_pass_per_step(model, caplog):
     ref_v, ref_a = reference_sample(model, inp, steps=STEPS, video_guidance=1.0, audio_guidance=1.0)
     calls, stats = [], SamplingStats()
     with caplog.at_level(logging.INFO, logger="ovi"):
-        video, audio = _sample(model, inp, calls, video_guidance=1.0, audio_guidance=1.0, stats=stats)
+        video, audio = run_sample(model, inp, calls, video_guidance=1.0, audio_guidance=1.0, stats=stats)
     assert len(calls) == STEPS and all(slg == 0 for _, _, slg in calls)  # positive passes only: half the calls
     assert _close(video, ref_v) and _close(audio, ref_a)
     assert (stats.passes_per_step, stats.passes_run, stats.passes_skipped) == (1, STEPS, STEPS)
     assert "one model pass per step" in caplog.text
     # One scale away from 1 keeps the negative pass.
     calls = []
-    _sample(model, inp, calls, video_guidance=1.0, audio_guidance=3.0)
+    run_sample(model, inp, calls, video_guidance=1.0, audio_guidance=3.0)
     assert len(calls) == 2 * STEPS
 
 
@@ -94,14 +83,14 @@ def test_cache_threshold_zero_is_bit_identical(model):
     inp = inputs()
     ref_v, ref_a = reference_sample(model, inp, steps=CACHE_STEPS, **GUIDE)
     calls, stats = [], SamplingStats()
-    video, audio = _sample(model, inp, calls, steps=CACHE_STEPS, cache_threshold=0.0, stats=stats)
+    video, audio = run_sample(model, inp, calls, steps=CACHE_STEPS, cache_threshold=0.0, stats=stats)
     assert torch.equal(video, ref_v) and torch.equal(audio, ref_a)
     assert len(calls) == 2 * CACHE_STEPS and stats.cached_steps == [] and stats.passes_skipped == 0
 
 
 @pytest.fixture(scope="module")
 def uncached(model):
-    return _sample(model, inputs(), steps=CACHE_STEPS)
+    return run_sample(model, inputs(), steps=CACHE_STEPS)
 
 
 # On the random tiny model the rate is large (~10-20): 0.05 skips nothing, 1.5 skips one step, 1e6 all it may.
@@ -110,7 +99,7 @@ def test_cache_skips_steps_but_not_the_first_and_last(model, uncached, threshold
     inp = inputs()
     calls, stats = [], SamplingStats()
     with caplog.at_level(logging.INFO, logger="ovi"):
-        video, audio = _sample(model, inp, calls, steps=CACHE_STEPS, cache_threshold=threshold, stats=stats)
+        video, audio = run_sample(model, inp, calls, steps=CACHE_STEPS, cache_threshold=threshold, stats=stats)
     timesteps = make_schedule("unipc", CACHE_STEPS, 5.0).timesteps.tolist()
     called = sorted({timesteps.index(t) for t, _, _ in calls})
     skipped = stats.cached_steps

@@ -8,12 +8,9 @@ import torch
 
 from ovi.fusion.model import CleanTokens
 from ovi.sampling.known import KnownRegion, index_mask, range_mask, renoise_noise
-from ovi.sampling.loop import sample
 from ovi.sampling.schedules import make_schedule
-from tiny_sampling import FRAMES, SLG, TOKENS, inputs, known_latents, load_tiny, model_fn, reference_sample
+from tiny_sampling import FRAMES, GUIDE, STEPS, TOKENS, inputs, known_latents, load_tiny, reference_sample, run_sample
 
-STEPS = 3  # enough for UniPC's corrector and its second order
-GUIDE = dict(video_guidance=4.0, audio_guidance=3.0)
 KNOWN_FRAMES = [1, 2]          # in the middle of the 4 latent frames
 KNOWN_TOKENS = (4, 8)          # a time range in the middle of the 12 audio tokens
 
@@ -21,14 +18,6 @@ KNOWN_TOKENS = (4, 8)          # a time range in the middle of the 12 audio toke
 @pytest.fixture(scope="module")
 def model(tiny_dir):
     return load_tiny(tiny_dir)
-
-
-def _sample(model, inp, calls=None, **kw):
-    inp = dict(inp)
-    video, audio = inp.pop("video_noise"), inp.pop("audio_noise")
-    opts = dict(solver="unipc", steps=STEPS, shift=5.0, slg_layer=SLG, **GUIDE)
-    opts.update(kw)
-    return sample(model_fn(model, calls), video, audio, **inp, **opts)
 
 
 def _region_masks():
@@ -39,7 +28,7 @@ def _region_masks():
 def t2av(model):
     """Today's T2AV loop on ``inputs()`` (the reference) and the loop without known regions."""
     inp = inputs()
-    return reference_sample(model, inp, steps=STEPS, **GUIDE), _sample(model, inp)
+    return reference_sample(model, inp, steps=STEPS, **GUIDE), run_sample(model, inp)
 
 
 def test_no_known_region_is_todays_t2av(model, t2av):
@@ -49,7 +38,7 @@ def test_no_known_region_is_todays_t2av(model, t2av):
     # Regions that mark nothing are no regions: same bits, and the model is never told about clean tokens.
     kv, ka = known_latents()
     calls = []
-    video, audio = _sample(model, inp, calls,
+    video, audio = run_sample(model, inp, calls,
                            video_known=KnownRegion(kv, torch.zeros(FRAMES, dtype=torch.bool), "clean"),
                            audio_known=KnownRegion(ka, torch.zeros(TOKENS, dtype=torch.bool), "clean"))
     assert torch.equal(video, ref_v) and torch.equal(audio, ref_a)
@@ -61,12 +50,12 @@ def test_video_frame0_clean_is_todays_i2av(model):
     kv, _ = known_latents()
     image_latent = kv[:, :1].clone()
     ref_v, ref_a = reference_sample(model, inp, steps=STEPS, image_latent=image_latent, **GUIDE)
-    i2v_v, i2v_a = _sample(model, inp, image_latent=image_latent)
+    i2v_v, i2v_a = run_sample(model, inp, image_latent=image_latent)
     assert torch.equal(i2v_v, ref_v) and torch.equal(i2v_a, ref_a)
     frame0 = index_mask(FRAMES, [0])
     # The known part alone with the mode given, and the full latent (other frames ignored) with the default.
     for region in (KnownRegion(image_latent, frame0, "clean"), KnownRegion(kv, frame0)):
-        video, audio = _sample(model, inp, video_known=region)
+        video, audio = run_sample(model, inp, video_known=region)
         assert torch.equal(video, ref_v) and torch.equal(audio, ref_a)
 
 
@@ -77,7 +66,7 @@ def test_known_regions_are_exact_at_the_end(model, t2av, video_mode, audio_mode)
     kv, ka = known_latents()
     fm, tm = _region_masks()
     _, (free_v, free_a) = t2av
-    video, audio = _sample(model, inp, video_known=KnownRegion(kv, fm, video_mode),
+    video, audio = run_sample(model, inp, video_known=KnownRegion(kv, fm, video_mode),
                            audio_known=KnownRegion(ka, tm, audio_mode), known_seed=5)
     assert torch.equal(video[:, fm], kv[:, fm]) and torch.equal(audio[tm], ka[tm])
     # The rest is generated, finite, and conditioned on the regions (it is not the unconstrained result).
@@ -86,7 +75,7 @@ def test_known_regions_are_exact_at_the_end(model, t2av, video_mode, audio_mode)
     if video_mode != audio_mode:
         return
     # Known values given as only the marked part give the same result as the full-size latent.
-    video2, audio2 = _sample(model, inp, video_known=KnownRegion(kv[:, fm], fm, video_mode),
+    video2, audio2 = run_sample(model, inp, video_known=KnownRegion(kv[:, fm], fm, video_mode),
                              audio_known=KnownRegion(ka[tm], tm, audio_mode), known_seed=5)
     assert torch.equal(video2, video) and torch.equal(audio2, audio)
 
@@ -97,7 +86,7 @@ def test_renoised_region_follows_the_formula_each_step(model):
     fm, tm = _region_masks()
     seed = 21
     record, calls = {}, []
-    video, audio = _sample(model, inp, calls, video_known=KnownRegion(kv, fm, "renoise"),
+    video, audio = run_sample(model, inp, calls, video_known=KnownRegion(kv, fm, "renoise"),
                            audio_known=KnownRegion(ka, tm), known_seed=seed, record=record)  # audio default: renoise
     sigmas = make_schedule("unipc", STEPS, 5.0).sigmas
     eps_v = renoise_noise(kv.shape, seed)
@@ -140,7 +129,7 @@ def test_clean_regions_see_t0(model, monkeypatch):
     seen = []
     monkeypatch.setattr(model, "prepare", _spy_prepare(model, seen))
     calls = []
-    _sample(model, inp, calls, video_known=KnownRegion(kv, fm, "clean"), audio_known=KnownRegion(ka, tm, "clean"))
+    run_sample(model, inp, calls, video_known=KnownRegion(kv, fm, "clean"), audio_known=KnownRegion(ka, tm, "clean"))
     timesteps = make_schedule("unipc", STEPS, 5.0).timesteps
     assert len(seen) == 2 * STEPS
     for i, (video_t, audio_t) in enumerate(seen):
@@ -158,7 +147,7 @@ def test_audio_clean_alone_leaves_video_on_the_step_timestep(model, monkeypatch)
     tm = range_mask(TOKENS, *KNOWN_TOKENS)
     seen = []
     monkeypatch.setattr(model, "prepare", _spy_prepare(model, seen))
-    _, audio = _sample(model, inp, audio_known=KnownRegion(ka, tm, "clean"))
+    _, audio = run_sample(model, inp, audio_known=KnownRegion(ka, tm, "clean"))
     timesteps = make_schedule("unipc", STEPS, 5.0).timesteps
     for i, (video_t, audio_t) in enumerate(seen):
         t = int(timesteps[i // 2])
@@ -190,19 +179,19 @@ def test_bad_known_regions_are_refused(model):
     kv, ka = known_latents()
     fm, tm = _region_masks()
     with pytest.raises(ValueError, match="mask"):
-        _sample(model, inp, video_known=KnownRegion(kv, index_mask(FRAMES + 1, [0])))
+        run_sample(model, inp, video_known=KnownRegion(kv, index_mask(FRAMES + 1, [0])))
     with pytest.raises(ValueError, match="mask"):
-        _sample(model, inp, audio_known=KnownRegion(ka, tm.to(torch.int64)))
+        run_sample(model, inp, audio_known=KnownRegion(ka, tm.to(torch.int64)))
     with pytest.raises(ValueError, match="matches neither"):
-        _sample(model, inp, audio_known=KnownRegion(ka[:3], tm))
+        run_sample(model, inp, audio_known=KnownRegion(ka[:3], tm))
     with pytest.raises(ValueError, match="mode"):
-        _sample(model, inp, video_known=KnownRegion(kv, fm, "inpaint"))
+        run_sample(model, inp, video_known=KnownRegion(kv, fm, "inpaint"))
     bad = kv.clone()
     bad[0, 1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        _sample(model, inp, video_known=KnownRegion(bad, fm))
+        run_sample(model, inp, video_known=KnownRegion(bad, fm))
     with pytest.raises(ValueError, match="not both"):
-        _sample(model, inp, image_latent=kv[:, :1], video_known=KnownRegion(kv, fm))
+        run_sample(model, inp, image_latent=kv[:, :1], video_known=KnownRegion(kv, fm))
     with pytest.raises(ValueError, match="clean mask"):
         model(inp["video_noise"], inp["audio_noise"], torch.tensor([500]), inp["pos_ctx"], inp["pos_ctx"],
               first_frame_is_clean=CleanTokens(audio_tokens=torch.ones(TOKENS + 2, dtype=torch.bool)))

@@ -9,11 +9,14 @@ from pathlib import Path
 import torch
 
 from ovi.fusion.checkpoint import load_fusion_model
+from ovi.sampling.loop import sample
 from ovi.sampling.schedules import make_schedule
 from ovi.sampling.solvers import make_solver
 
 FRAMES, H, W, TOKENS = 4, 4, 4, 12  # latent frames, latent height/width (patch 2), audio latent tokens
 SLG = 1  # the tiny model has 2 fused layers
+STEPS = 3  # enough for UniPC's corrector and its second order
+GUIDE = dict(video_guidance=4.0, audio_guidance=3.0)
 
 
 def load_tiny(tiny_dir: Path):
@@ -70,3 +73,12 @@ def reference_sample(model, inp: dict, *, steps: int, solver: str = "unipc", shi
     if i2v:
         video[:, :1] = image_latent
     return video, audio
+
+
+def run_sample(model, inp: dict, calls: list | None = None, **kw):
+    """The loop under test on ``inp`` (from ``inputs``): UniPC, STEPS steps, GUIDE, SLG unless ``kw`` says otherwise."""
+    inp = dict(inp)
+    video, audio = inp.pop("video_noise"), inp.pop("audio_noise")
+    opts = dict(solver="unipc", steps=STEPS, shift=5.0, slg_layer=SLG, **GUIDE)
+    opts.update(kw)
+    return sample(model_fn(model, calls), video, audio, **inp, **opts)
