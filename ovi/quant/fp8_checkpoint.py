@@ -31,6 +31,7 @@ written.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +143,7 @@ def detect_fp8_layout(sources: Mapping[str, TensorSource], metadata: Mapping[str
         return _comfy_quant(sources, metadata, layers, path, read_values=False)[1]
     markers = [(k, s) for k, s in sources.items() if k == MARKER or k.endswith("." + MARKER)]
     for k, s in markers:
-        if s.dtype not in FP8_DTYPES or _numel(s.shape) > _MARKER_MAX_NUMEL:
+        if s.dtype not in FP8_DTYPES or math.prod(s.shape) > _MARKER_MAX_NUMEL:
             raise CheckpointError(path, f"malformed {MARKER} marker {k}: {_describe(s)}; the marker is an empty "
                                         "FP8 tensor whose dtype names the weights' format. The file is corrupt.")
     marker = markers[0][1] if markers else None
@@ -286,7 +287,7 @@ def _comfy_quant(sources: Mapping[str, TensorSource], metadata: Mapping[str, str
             if layer.format not in FLOAT8_FORMATS:
                 raise CheckpointError(path, f"{name}{INPUT_SCALE}: {layer.format} layers have no static input scale "
                                             "(activations are scaled per row at run time). The file is corrupt.")
-            if static.dtype not in SCALE_DTYPES or _numel(static.shape) != 1 or len(static.shape) > 1:
+            if static.dtype not in SCALE_DTYPES or math.prod(static.shape) != 1 or len(static.shape) > 1:
                 raise CheckpointError(path, f"{name}{INPUT_SCALE} is {_describe(static)}; an input scale is one "
                                             f"{'/'.join(map(_dtype_name, SCALE_DTYPES))} value. The file is corrupt.")
             inputs.append(name)
@@ -345,13 +346,6 @@ def _comfy_quant(sources: Mapping[str, TensorSource], metadata: Mapping[str, str
     weight_dtype = next(iter(float8.values())) if float8 else torch.int8
     return out, Fp8Layout(name, weight_dtype, granularity, len(float8), metadata.get(SOURCE_KEY), origin,
                           tuple((f, n) for f, n in counts.items() if n), len(inputs))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
