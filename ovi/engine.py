@@ -53,7 +53,9 @@ from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, res
 from .loading import CheckpointError
 from .log import log
 from .models_dir import COMPONENT_WORDS, MissingComponentError, locate_components
+from .sampling.known import KnownRegion
 from .sampling.loop import Interrupted, sample
+from .sampling.stats import SamplingStats
 from .sampling.schedules import make_schedule
 from .residency import ComponentSlot, module_tensors
 from .sizes import resolve_frame_size  # noqa: F401  (part of the engine API)
@@ -226,6 +228,9 @@ class OviEngine:
             "video_vae": ComponentSlot("video VAE", self._load_video_vae, infos["video_vae"].numel, torch.float32),
             "audio": ComponentSlot("audio decoder", self._load_audio, infos["audio_vae"].numel + infos["vocoder"].numel,
                            torch.float32),
+            # Loaded only to encode the user's audio (lip-sync), and dropped after: decoding never needs it.
+            "audio_encoder": ComponentSlot("audio encoder", self._load_audio_encoder, infos["audio_vae"].numel,
+                                           torch.float32),
         }
         self.memory_mode, self.resident_layers, why = self._choose_mode()
         log.info("memory mode %s%s on %s: %s", self.memory_mode,
@@ -271,6 +276,13 @@ class OviEngine:
         from .audio.decoder import AudioDecoder
 
         return AudioDecoder.from_files(self.paths["audio_vae"], self.paths["vocoder"], device=device, dtype=dtype)
+
+    def _load_audio_encoder(self, device, dtype):
+        from .audio.checkpoint import load_mmaudio_vae
+        from .audio.mel import MelConfig, MelFrontend
+
+        vae = load_mmaudio_vae(self.paths["audio_vae"], device=device, dtype=dtype, encoder=True)
+        return _AudioEncoder(vae, MelFrontend(MelConfig(num_mels=vae.config.data_dim))).to(device=device)
 
     def _tokenizer_get(self):
         if self._tokenizer is None:
@@ -391,7 +403,8 @@ class OviEngine:
 
     def planned_device_bytes(self) -> int:
         """Weights this engine puts on its device at once in its memory mode."""
-        sizes = {name: slot.host_bytes(self.dtype) for name, slot in self._slots.items()}
+        # the audio encoder is held only while the user's audio is encoded, never beside the others
+        sizes = {name: slot.host_bytes(self.dtype) for name, slot in self._slots.items() if name != "audio_encoder"}
         if self.memory_mode == "all_gpu":
             return sum(sizes.values())
         if self.memory_mode == "block_swap":
@@ -473,9 +486,15 @@ class OviEngine:
                  video_guidance: float = 4.0, audio_guidance: float = 3.0, slg_layer: int = 11,
                  noise: tuple[torch.Tensor, torch.Tensor] | None = None, progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 preview: Callable[[int, int, torch.Tensor], None] | None = None) -> GenerationResult:
+                 preview: Callable[[int, int, torch.Tensor], None] | None = None,
+                 video_known: KnownRegion | None = None, audio_known: KnownRegion | None = None,
+                 known_seed: int | None = None, cache_threshold: float = 0.0) -> GenerationResult:
         """Video and audio latents for ``prompt`` (T2AV), or with ``image`` as the first frame (I2AV).
 
+        ``video_known`` / ``audio_known`` hold given latent frames / tokens through sampling
+        (``ovi.sampling.known``; the renoise eps is drawn from ``known_seed``, default ``seed``): the frame size
+        then comes from the known video latent unless ``size`` says otherwise. ``cache_threshold`` > 0 turns on
+        the step cache; the passes run and skipped are in the result's ``timings``.
         ``noise=(video [48, F, h, w], audio [L, 20])`` replaces the seeded initial noise. ``progress(step,
         total)`` runs after every denoising step; ``preview(step, total, video_x0)`` likewise, with the step's
         clean-video latent estimate [48, F, h, w] (normalised, as the VAE takes it); ``should_stop()`` is
@@ -500,6 +519,9 @@ class OviEngine:
             how = "exact size" if size is not None else f"image prepared at the {v.name} area"
         elif noise is not None and size is None and height is None and width is None and aspect is None:
             h, w, how = noise[0].shape[-2] * 16, noise[0].shape[-1] * 16, "from the given noise"
+        elif video_known is not None and size is None and height is None and width is None and aspect is None:
+            h, w = video_known.latent.shape[-2] * 16, video_known.latent.shape[-1] * 16
+            how = "from the known video"
         else:
             h, w, how = resolve_frame_size(v, size=size, height=height, width=width, aspect=aspect)
         shape_v = (v.video_latent_channels, v.video_latent_length, h // 16, w // 16)
@@ -514,6 +536,7 @@ class OviEngine:
 
         self.report.clear()
         t_start = time.perf_counter()
+        stats = SamplingStats()
         with self.report.phase("load"):
             self._load_phase(("text_encoder", "fusion", "video_vae") if i2v else ("text_encoder", "fusion"))
 
@@ -540,7 +563,10 @@ class OviEngine:
                 video, audio = self._diffuse(v, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent,
                                              steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
                                              audio_guidance=audio_guidance, slg_layer=slg_layer, progress=progress,
-                                             should_stop=should_stop, preview=preview)
+                                             should_stop=should_stop, preview=preview, video_known=video_known,
+                                             audio_known=audio_known,
+                                             known_seed=seed if known_seed is None else known_seed,
+                                             cache_threshold=cache_threshold, stats=stats)
         except BaseException:
             # Any stop (Interrupted, an error, or a host's interrupt that is no Exception, like ComfyUI's):
             # the engine ends holding what a finished diffusion leaves, so the next call starts as usual.
@@ -553,11 +579,13 @@ class OviEngine:
 
         timings = {r.phase: r.seconds for r in self.report.rows}
         timings["total"] = time.perf_counter() - t_start
+        timings.update(passes_run=stats.passes_run, passes_skipped=stats.passes_skipped,
+                       cached_steps=len(stats.cached_steps))
         return GenerationResult(
             video_latent=video.cpu(), audio_latent=audio.cpu(), height=h, width=w, variant=v.name, seed=seed,
             mode="i2av" if i2v else "t2av", prompt=positive,
             settings=dict(steps=steps, solver=solver, shift=shift, video_guidance=video_guidance,
-                          audio_guidance=audio_guidance, slg_layer=slg_layer,
+                          audio_guidance=audio_guidance, slg_layer=slg_layer, cache_threshold=cache_threshold,
                           video_negative_prompt=video_negative_prompt, audio_negative_prompt=audio_negative_prompt),
             image_latent=None if image_latent is None else image_latent.cpu(), timings=timings)
 
@@ -590,7 +618,8 @@ class OviEngine:
         return video, audio
 
     def _diffuse(self, v: Variant, shape_v, shape_a, seed, noise, pos, vneg, aneg, image_latent, *, steps, solver,
-                 shift, video_guidance, audio_guidance, slg_layer, progress, should_stop, preview=None):
+                 shift, video_guidance, audio_guidance, slg_layer, progress, should_stop, preview=None,
+                 video_known=None, audio_known=None, known_seed=0, cache_threshold=0.0, stats=None):
         slot = self._slots["fusion"]
         model = None
         try:
@@ -626,6 +655,8 @@ class OviEngine:
             return sample(model_fn, video_noise, audio_noise, pos_ctx=pos, video_neg_ctx=vneg, audio_neg_ctx=aneg,
                           solver=solver, steps=steps, shift=shift, video_guidance=video_guidance,
                           audio_guidance=audio_guidance, slg_layer=slg_layer, image_latent=image_latent,
+                          video_known=video_known, audio_known=audio_known, known_seed=known_seed,
+                          cache_threshold=cache_threshold, stats=stats,
                           callback=callback if (progress or preview) is not None else None,
                           should_stop=should_stop)
         finally:
@@ -635,6 +666,38 @@ class OviEngine:
                 self._swapper.detach()
             elif self.memory_mode == "offload":
                 self._drop("fusion")
+
+    # -- encoding the user's media (known regions) -------------------------------------------------------------
+    def encode_frames(self, frames: torch.Tensor, *, vae_dtype: str | torch.dtype | None = None,
+                      progress: Progress | None = None) -> torch.Tensor:
+        """Frames [T, H, W, 3] in [0, 1] (H, W multiples of 32; T = 1 + 4k) -> the Wan VAE latent
+        [48, 1 + (T - 1) // 4, H / 16, W / 16] (float32, on the CPU), as the sampler holds known video."""
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [T, H, W, 3] in [0, 1], got {list(frames.shape)}")
+        try:
+            with self.report.phase("encode video"):
+                vae = self._acquire("video_vae", parse_dtype(vae_dtype) or self.options.vae_dtype)
+                x = frames.permute(3, 0, 1, 2)[None].to(self.device, vae.dtype) * 2.0 - 1.0
+                kw = {"progress": progress} if progress is not None else {}
+                latent = vae.encode(x, **kw)[0].float().cpu()
+                del vae, x
+        finally:
+            if self.memory_mode != "all_gpu":
+                self._drop("video_vae")
+        return latent
+
+    def encode_waveform(self, waveform: torch.Tensor) -> torch.Tensor:
+        """A 16 kHz mono waveform [N] in [-1, 1] -> the MMAudio VAE latent [N / 512, 20] (float32, CPU)."""
+        if waveform.ndim != 1:
+            raise ValueError(f"the waveform must be mono [N], got {list(waveform.shape)}")
+        try:
+            with self.report.phase("encode audio"):
+                encoder = self._acquire("audio_encoder", self.options.audio_dtype)
+                latent = encoder(waveform[None].to(self.device, torch.float32))[0].float().cpu()
+                del encoder
+        finally:
+            self._drop("audio_encoder")
+        return latent
 
     # -- decoding ------------------------------------------------------------------------------------------
     def decode(self, result: GenerationResult, *, tile_size: int | None = None, tile_overlap: int | None = None,
@@ -699,6 +762,19 @@ class OviEngine:
         # uint8 by truncation of (x + 1) / 2 * 255, as the official writer maps the frames
         frames = (clip.frames * 255.0).to(torch.uint8)
         return write_mp4(path, frames, clip.waveform, fps=clip.fps, sample_rate=clip.sample_rate, **kw)
+
+
+class _AudioEncoder(nn.Module):
+    """The MMAudio VAE encoder behind its mel front end: 16 kHz waveform [B, N] -> latent [B, N / 512, 20]."""
+
+    def __init__(self, vae: nn.Module, mel: nn.Module):
+        super().__init__()
+        self.vae, self.mel = vae, mel
+
+    @torch.no_grad()
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        mel = self.mel(waveform)
+        return self.vae.encode(mel.to(device=self.vae.device, dtype=self.vae.dtype)).transpose(1, 2)
 
 
 def _make_options(kw: dict) -> EngineOptions:
