@@ -280,3 +280,103 @@ def test_frames_to_float():
     assert media.frames_to_float(u).flatten().tolist() == pytest.approx([0.0, 0.2, 1.0])
     with pytest.raises(ValueError, match="uint8 or float"):
         media.frames_to_float(torch.zeros(1, 1, 1, 3, dtype=torch.int32))
+
+
+# -- ComfyUI's AUDIO / IMAGE / VIDEO (utils/media.py) ------------------------------------------------------------------
+def _pack_module(name: str):
+    """A pack submodule imported with the pack as its package (relative imports need one), the pack's own
+    __init__ (ComfyUI registration) left unrun."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pkg = "ovi_pack_media_test"
+    if pkg not in sys.modules:
+        spec = importlib.util.spec_from_file_location(pkg, root / "__init__.py", submodule_search_locations=[str(root)])
+        sys.modules[pkg] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{pkg}.{name}")
+
+
+def test_comfy_audio_to_track():
+    convert = _pack_module("utils.media")
+    stereo = torch.stack([tone(1000, 44100, 1.0), tone(1000, 44100, 1.0, amp=0.3)])
+    track = convert.audio_to_track({"waveform": stereo[None], "sample_rate": 44100})
+    assert torch.equal(track, media.resample_audio(stereo, 44100)) and track.shape == (16000,)
+    amp, _ = fit_tone(track, 1000, edge=1000)
+    assert abs(amp - 0.4) < 1e-4
+    batch = torch.stack([stereo, torch.zeros_like(stereo)])
+    assert torch.equal(convert.audio_to_track({"waveform": batch, "sample_rate": 44100}), track)  # the first item
+    assert convert.audio_to_track({"waveform": tone(500, 16000), "sample_rate": 16000}).shape == (32000,)
+    with pytest.raises(TypeError, match="AUDIO must be a dict"):
+        convert.audio_to_track(stereo)
+    with pytest.raises(ValueError, match=r"\[B, C, N\]"):
+        convert.audio_to_track({"waveform": torch.zeros(1, 2, 0), "sample_rate": 44100})
+
+
+def test_comfy_image_to_frames():
+    convert = _pack_module("utils.media")
+    images = torch.arange(60, dtype=torch.float32)[:, None, None, None].expand(60, 8, 8, 3) / 255
+    frames = convert.image_to_frames(images, 30)
+    assert frames.shape == (48, 8, 8, 3) and frames.dtype == torch.float32
+    assert torch.equal((frames[:, 0, 0, 0] * 255).round().long(), media.frame_indices(60, 30))
+    assert convert.image_to_frames(images, 24) is images
+    assert convert.image_to_frames(torch.rand(4, 8, 8, 4), 24).shape == (4, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"IMAGE must be \[B, H, W, 3\]"):
+        convert.image_to_frames(torch.rand(8, 8, 3), 24)
+
+
+_VIDEO_IN_COMFY = r"""
+import importlib, importlib.util, json, sys
+from fractions import Fraction
+comfy_dir, root = sys.argv[1:3]
+sys.path.insert(0, comfy_dir)
+import torch
+from comfy_api.input_impl import VideoFromComponents
+from comfy_api.util import VideoComponents
+spec = importlib.util.spec_from_file_location("ComfyUI-Ovi", root + "/__init__.py", submodule_search_locations=[root])
+sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+convert = importlib.import_module("ComfyUI-Ovi.utils.media")
+images = torch.arange(60, dtype=torch.float32)[:, None, None, None].expand(60, 8, 8, 3).contiguous() / 255
+t = torch.arange(44100, dtype=torch.float64) / 44100
+audio = {"waveform": (0.5 * torch.sin(2 * torch.pi * 1000 * t)).float().reshape(1, 1, -1), "sample_rate": 44100}
+out = {}
+for name, sound in (("with_audio", audio), ("silent", None)):
+    video = VideoFromComponents(VideoComponents(images=images, audio=sound, frame_rate=Fraction(30)))
+    frames, fps = convert.video_to_frames(video)
+    track = convert.video_to_track(video)
+    out[name] = {"shape": list(frames.shape), "fps": fps, "levels": (frames[:, 0, 0, 0] * 255).round().long().tolist(),
+                 "track": None if track is None else [track.numel(), float(track.abs().max())]}
+print("OVI-VIDEO " + json.dumps(out))
+"""
+
+
+def test_comfy_video_to_frames_and_track(tmp_path):
+    from comfyui_server.harness import COMFY_DIR, COMFY_PYTHON, ROOT, WAIT_BOUND, required, setup_problem
+
+    problem = setup_problem()
+    if problem:
+        if required():
+            pytest.fail(f"{problem} (COMFY_REQUIRED is set, so this is a failure, not a skip)", pytrace=False)
+        pytest.skip(problem)
+    script = tmp_path / "video_in_comfy.py"
+    script.write_text(_VIDEO_IN_COMFY)
+    proc = subprocess.run([COMFY_PYTHON, str(script), str(COMFY_DIR), str(ROOT)], capture_output=True, text=True,
+                          timeout=WAIT_BOUND, cwd=str(tmp_path))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OVI-VIDEO ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    import json
+
+    got = json.loads(lines[-1].removeprefix("OVI-VIDEO "))
+    want_levels = media.frame_indices(60, 30).tolist()
+    assert got["with_audio"]["shape"] == [48, 8, 8, 3] and got["with_audio"]["fps"] == 30.0
+    assert got["with_audio"]["levels"] == want_levels
+    assert got["with_audio"]["track"][0] == 16000 and abs(got["with_audio"]["track"][1] - 0.5) < 0.01
+    assert got["silent"]["track"] is None and got["silent"]["levels"] == want_levels
+
+
+def test_comfy_video_must_be_a_video_input():
+    convert = _pack_module("utils.media")
+    with pytest.raises(TypeError, match="get_components"):
+        convert.video_to_frames(torch.zeros(2, 8, 8, 3))
