@@ -49,9 +49,11 @@ from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import make_attention
 from .block_swap import BlockSwapper
 from .choices import MEMORY_MODES
+from .compile import CompiledLayer, compile_problem, use_compiled
 from .detect import FileInfo, VariantChoice, describe_variant, inspect_file, resolve_variant
 from .loading import CheckpointError
 from .log import log
+from .lora.engine_loras import EngineLoras
 from .models_dir import COMPONENT_WORDS, MissingComponentError, locate_components
 from .sampling.known import KnownRegion
 from .sampling.loop import Interrupted, sample
@@ -117,6 +119,7 @@ class EngineOptions:
     tile_size: int | None = None               # decode defaults (latent pixels; None/0 = no tiling)
     tile_overlap: int | None = None
     cpu_copy: bool | None = None               # keep host copies to reload from; None: when RAM allows
+    compile: bool = False                      # torch.compile the fused layer (ovi/compile.py)
 
     def __post_init__(self):
         if self.memory_mode not in MEMORY_MODES:
@@ -131,6 +134,8 @@ class EngineOptions:
                              f"{', '.join(ATTENTION_BACKENDS)}")
         if self.variant is not None:
             get_variant(self.variant)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         self.dtype = parse_dtype(self.dtype)
         self.vae_dtype = parse_dtype(self.vae_dtype)
         self.audio_dtype = parse_dtype(self.audio_dtype)
@@ -238,6 +243,14 @@ class OviEngine:
                  memory.device_description(self.device), why)
         self._swapper = self._make_swapper() if self.memory_mode == "block_swap" else None
         self._runner = None  # the swapper while a block-swapped diffusion runs
+        self._loras = EngineLoras()  # the LoRA stack (set_loras), put on the fusion model as it is acquired
+        self._compiled_layer: CompiledLayer | None = None
+        if opts.compile:
+            problem = compile_problem(self.device)
+            if problem is not None:
+                raise RuntimeError(f"compile was asked for, but {problem}; run without compile")
+            self._compiled_layer = CompiledLayer()
+            log.info("torch.compile of the fused layer: on (compiled at the first step)")
 
     # -- construction helpers ------------------------------------------------------------------------
     @classmethod
@@ -466,6 +479,32 @@ class OviEngine:
         """The per-phase memory table of the last generate + decode (``str()`` / ``.table()`` formats it)."""
         return self.report
 
+    # -- LoRAs (ovi/lora/engine_loras.py) ---------------------------------------------------------------------
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike, Any]] = ()) -> None:
+        """The LoRA stack of the next generations: ``(file, strength)`` pairs applied in order, a strength being
+        an ``ovi.lora.LoraStrength(video, audio)``, one number for both branches or a (video, audio) pair
+        (a Wan 2.2 LoRA without branch prefix acts on the video branch only). Files are read once and cached;
+        ``[]`` takes every LoRA off again. A missing file, a file that is no LoRA or one that matches nothing
+        on the fusion model is a ``LoraError`` (a ``ValueError``) naming it, raised here or at the next
+        ``generate`` (matching needs the model's shapes, known from the first load on)."""
+        self._loras.set(loras)
+
+    @property
+    def loras(self) -> tuple:
+        """The LoRA stack (``LoraEntry``: path, strength) set by ``set_loras``."""
+        return self._loras.entries
+
+    def _acquire_fusion_with_loras(self) -> nn.Module:
+        """The fusion model on the device with the LoRA stack on it. A copy that carries another stack merged
+        without originals (it was to be thrown away) is dropped and acquired afresh from the host copy / file."""
+        slot = self._slots["fusion"]
+        model = self._acquire("fusion")
+        if not self._loras.apply(model, keep_originals=model is slot.host):
+            self._drop("fusion")
+            model = self._acquire("fusion")
+            self._loras.apply(model, keep_originals=model is slot.host)
+        return model
+
     # -- the fusion forward (the one place a layer runner plugs in) -------------------------------------------
     def _fusion_forward(self, model, video, audio, t, video_ctx, audio_ctx, first_frame_is_clean: bool,
                         slg_layer: int):
@@ -537,6 +576,7 @@ class OviEngine:
         self.report.clear()
         t_start = time.perf_counter()
         stats = SamplingStats()
+        compiled_before = self._compiled_layer.counts() if self._compiled_layer is not None else None
         with self.report.phase("load"):
             self._load_phase(("text_encoder", "fusion", "video_vae") if i2v else ("text_encoder", "fusion"))
 
@@ -581,6 +621,9 @@ class OviEngine:
         timings["total"] = time.perf_counter() - t_start
         timings.update(passes_run=stats.passes_run, passes_skipped=stats.passes_skipped,
                        cached_steps=len(stats.cached_steps))
+        if compiled_before is not None:
+            now = self._compiled_layer.counts()
+            timings.update({f"layer_{k}": now[k] - compiled_before[k] for k in now})
         return GenerationResult(
             video_latent=video.cpu(), audio_latent=audio.cpu(), height=h, width=w, variant=v.name, seed=seed,
             mode="i2av" if i2v else "t2av", prompt=positive,
@@ -627,13 +670,18 @@ class OviEngine:
                 host = slot.ensure_host(self.device, self.dtype)
                 if self._swapper is not None:
                     self._runner = self._swapper  # set first: a half-done attach is detached below too
+                    self._loras.before_attach(host, self._swapper, self.device)
                     model = self._swapper.attach(host, self.device)
+                    self._loras.after_attach(model, self._swapper, self.device)
                 else:
                     model = host
+                    self._loras.apply(model, keep_originals=True)
             else:
-                model = self._acquire("fusion")
+                model = self._acquire_fusion_with_loras()
             if hasattr(model, "set_attention"):
                 model.set_attention(self._attention)
+            if self._compiled_layer is not None:
+                use_compiled(model, self._compiled_layer)
             want = model.config.video.text_dim
             if pos.shape[-1] != want:
                 raise ValueError(f"the text encoder gives {pos.shape[-1]}-wide embeddings but the fusion model expects "
@@ -756,6 +804,20 @@ class OviEngine:
         v = get_variant(result.variant)
         return DecodedClip(frames=frames, waveform=waveform, fps=v.fps, sample_rate=v.sample_rate,
                            variant=result.variant, seed=result.seed)
+
+    def decode_audio(self, result: GenerationResult) -> torch.Tensor:
+        """The 16 kHz waveform [N] of ``result`` alone, with no video decode (a soundtrack for the user's own
+        frames needs only the sound): the same audio decode as ``decode``."""
+        try:
+            with self.report.phase("decode audio"):
+                audio = self._acquire("audio", self.options.audio_dtype)
+                waveform = audio.decode(result.audio_latent[None].to(self.device))[0].float().cpu()
+                del audio
+        finally:
+            if self.memory_mode != "all_gpu":
+                self._drop("audio")
+            memory.defragment(self.device)
+        return waveform
 
     def save_mp4(self, clip: DecodedClip, path: str | os.PathLike, **kw) -> Path:
         """Write ``clip`` as H.264 + AAC (``ovi.video_io.write_mp4``; keywords pass through)."""
