@@ -124,6 +124,10 @@ class BlockSwapper:
         self.pin = pin
         self._copier_factory = copier
         self.trace: list[Op] | None = None
+        # Called with the layer index once a streamed layer's device copies are in place (before its compute), so
+        # a caller can change the copies, never the host masters (LoRA merges go in this way). Set after
+        # ``attach``; ``detach`` clears it.
+        self.on_layer_ready: Callable[[int], None] | None = None
         self.model: nn.Module | None = None
         self.device: torch.device | None = None
         self._masters: list[tuple[dict, str, torch.Tensor]] = []  # swapped slots of resident parts
@@ -146,6 +150,12 @@ class BlockSwapper:
     def _moves(self) -> bool:
         return self._copier is not None
 
+    def moves_weights(self, device) -> bool:
+        """Whether ``attach(model, device)`` runs on device copies (streamed and resident), leaving the host
+        masters untouched; False on a CPU device without a copier, where the layers run in place."""
+        device = torch.device(device)
+        return self._copier_factory is not None or (device.type == "cuda" and torch.cuda.is_available())
+
     def attach(self, model: nn.Module, device) -> nn.Module:
         """Put the non-block modules and the resident layers on ``device``; returns ``model`` (ready to run).
         An attach stopped part-way (out of memory, an interrupt) is undone: the masters are back, no copies."""
@@ -166,7 +176,7 @@ class BlockSwapper:
         fixed += [m for i in range(resident) for b in model.layer_modules(i) for m in b.modules()]
         if self._copier_factory is not None:
             self._copier = self._copier_factory(device)
-        elif device.type == "cuda" and torch.cuda.is_available():
+        elif self.moves_weights(device):
             self._copier = _Copier(device)
         else:
             self._copier = None
@@ -219,6 +229,7 @@ class BlockSwapper:
         self._layer_masters.clear()
         self._copier = None
         self.model = None
+        self.on_layer_ready = None
         self._device_bytes = self._streamed_bytes = 0
 
     def to_device_bytes(self) -> int:
@@ -246,6 +257,8 @@ class BlockSwapper:
         for (table, k), master, c in zip(self._layer_slots[i], self._layer_masters[i], copies):
             table[k] = _as_like(master, c)
         self._active[i] = copies
+        if self.on_layer_ready is not None:
+            self.on_layer_ready(i)
 
     def _evict(self, i: int) -> None:
         if self.trace is not None:
