@@ -131,7 +131,7 @@ def _full_layer_errors(tokens: int, device: str) -> dict[str, dict[str, float]]:
     """One full-size fused layer pair: bf16 weights computed in float32 vs FP8 weights (upcast, scaled_mm)."""
     from ovi.fusion.backbone import Block
     from ovi.fusion.config import OVI_FUSION_CONFIG
-    from ovi.fusion.model import FusionModel
+    from ovi.fusion.model import FusionModel, fused_layer
     from ovi.quant.fp8 import cpu_scaled_mm_available, fp8_matmul_support, set_fp8_compute
 
     cfg = OVI_FUSION_CONFIG
@@ -149,7 +149,7 @@ def _full_layer_errors(tokens: int, device: str) -> dict[str, dict[str, float]]:
             setattr(s, f, getattr(s, f).to(dev, dtype))
         s.video_rope = type(s.video_rope)(*(t.to(dev) for t in s.video_rope))
         s.audio_rope = type(s.audio_rope)(*(t.to(dev) for t in s.audio_rope))
-        ns = types.SimpleNamespace(layer_modules=lambda i: (v, a))
+        ns = types.SimpleNamespace(layer_modules=lambda i: (v, a), layer_fn=fused_layer)
         with torch.no_grad():
             FusionModel.forward_layer(ns, 0, s)
         return s.video.float().cpu(), s.audio.float().cpu()

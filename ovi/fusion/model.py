@@ -62,6 +62,9 @@ class FusionModel(nn.Module):
         # Set by the loader to the dtype activations run in; defaults to the parameters' dtype.
         self.compute_dtype: torch.dtype | None = None
         self.attn_fn = attention
+        # What ``forward_layer`` runs on a layer's two blocks: ``fused_layer``, or a compiled form of it
+        # (``ovi.compile``), so every caller (the plain loop, block swap, SLG) gets the same one.
+        self.layer_fn = fused_layer
 
     def set_attention(self, fn) -> None:
         """Route every attention of both backbones through ``fn(q, k, v)`` on [B, L, H, D] tensors, e.g. an
@@ -166,18 +169,10 @@ class FusionModel(nn.Module):
             video_t=t_v, audio_t=t_a)
 
     def forward_layer(self, i: int, s: FusionState) -> None:
-        """Fused layer i, updating ``s.video`` and ``s.audio``.
-
-        Order: audio self-attn, video self-attn; then audio cross-attn + FFN against the video stream
-        after its self-attn; then video cross-attn + FFN against the audio stream after its self-attn
-        (not after this layer's audio cross-attn/FFN).
-        """
+        """Fused layer i, updating ``s.video`` and ``s.audio`` (``fused_layer`` on the layer's blocks)."""
         vb, ab = self.layer_modules(i)
-        vmod, amod = vb.modulation_for(s.video_e0), ab.modulation_for(s.audio_e0)
-        a_sa = ab.self_attn_phase(s.audio, amod, s.audio_rope)
-        v_sa = vb.self_attn_phase(s.video, vmod, s.video_rope)
-        s.audio = ab.cross_ffn_phase(a_sa, amod, s.audio_context, s.audio_rope, v_sa, s.video_rope)
-        s.video = vb.cross_ffn_phase(v_sa, vmod, s.video_context, s.video_rope, a_sa, s.audio_rope)
+        s.video, s.audio = self.layer_fn(vb, ab, s.video, s.audio, s.video_e0, s.audio_e0, s.video_context,
+                                         s.audio_context, s.video_rope, s.audio_rope)
 
     def finish(self, s: FusionState, as_list: bool = False):
         vm, am = self.video_model, self.audio_model
@@ -188,6 +183,24 @@ class FusionModel(nn.Module):
         if as_list:
             return list(video.unbind(0)), list(audio.unbind(0))
         return video, audio
+
+
+def fused_layer(vb: Block, ab: Block, video: torch.Tensor, audio: torch.Tensor, video_e0: torch.Tensor,
+                audio_e0: torch.Tensor, video_context: torch.Tensor, audio_context: torch.Tensor, video_rope: Rope,
+                audio_rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused layer: (video, audio) token streams after the video block ``vb`` and the audio block ``ab``.
+
+    Order: audio self-attn, video self-attn; then audio cross-attn + FFN against the video stream
+    after its self-attn; then video cross-attn + FFN against the audio stream after its self-attn
+    (not after this layer's audio cross-attn/FFN). Tensors in, tensors out (no state object), so a
+    compiled form of it takes the same arguments for every layer.
+    """
+    vmod, amod = vb.modulation_for(video_e0), ab.modulation_for(audio_e0)
+    a_sa = ab.self_attn_phase(audio, amod, audio_rope)
+    v_sa = vb.self_attn_phase(video, vmod, video_rope)
+    audio = ab.cross_ffn_phase(a_sa, amod, audio_context, audio_rope, v_sa, video_rope)
+    video = vb.cross_ffn_phase(v_sa, vmod, video_context, video_rope, a_sa, audio_rope)
+    return video, audio
 
 
 def _batch(x, sample_ndim: int) -> tuple[torch.Tensor, bool]:
