@@ -26,6 +26,7 @@ DESCRIPTIONS = {**{k: v[0] for k, v in KNOWN_COMPONENTS.items()},
                 "fusion_video": "the video branch of an Ovi fusion model (split checkpoint)",
                 "fusion_audio": "the audio branch of an Ovi fusion model (split checkpoint)",
                 "tokenizer": "a sentencepiece tokenizer model (umT5 spiece.model)",
+                "lora": "a LoRA (low-rank adapter) for the fusion model",
                 "unknown": "not a component Ovi uses"}
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -103,6 +104,8 @@ def _strip_to_anchor(keys: Sequence[str]) -> list[str]:
 
 def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
     """(component, layout) from key names and shapes."""
+    if any(k.endswith(_LORA_SUFFIXES) for k in keys):  # first: an Ovi LoRA's keys carry the fusion prefixes too
+        return "lora", "LoRA pairs and deltas by module name"
     stripped = _strip_to_anchor(keys)
     keyset = set(stripped)
     prefixed = len(stripped) and stripped[0] != keys[0]
@@ -141,6 +144,11 @@ def _component(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[str
     if found is not None:
         return found, "official names" + wrap
     return "unknown", "unrecognised key layout"
+
+
+# Key endings only adapter files have (ovi/lora/file.py reads them): low-rank pairs and full deltas.
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight",
+                  ".lora_A.default.weight", ".lora_B.default.weight", ".diff", ".diff_b")
 
 
 def _gguf_info(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[torch.dtype, int], str | None, dict,
@@ -403,6 +411,10 @@ def format_info(info: FileInfo) -> str:
     rows += [("format", info.format), ("dtype", info.dtype)]
     if info.quantization:
         rows.append(("quantization", info.quantization))
+    if info.component == "lora":
+        from .lora.describe import lora_info_rows, summarize_lora
+
+        rows += lora_info_rows(summarize_lora(info.path))
     rows += [("size", f"{human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes; tensor data {info.tensor_bytes:,})"),
              ("tensors", str(info.tensor_count))]
     # ComfyUI's layer list (kilobytes of JSON) is summed up on the quantization row

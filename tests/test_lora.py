@@ -18,9 +18,7 @@ from ovi.quant.gguf_dequant import Q
 from ovi.quant.gguf_load import GGUFLinear, GGUFWeight
 from ovi.quant.gguf_quantize import quantize
 
-RANK = 4
-ALPHA = 2.0
-V, A = "video_model.", "audio_model."
+from lora_files import A, CONVENTIONS, DIM, FFN, HEAD_OUT, V, Lora, convention, hand_merge
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -47,104 +45,16 @@ def _weights(m):
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-class Lora:
-    """Tensors of one LoRA file, and what each does to which fusion parameter (for the hand merge)."""
-
-    def __init__(self, seed=0):
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.effects: list[tuple[str, str, torch.Tensor]] = []  # (param, branch, unscaled delta)
-        self.g = torch.Generator().manual_seed(seed)
-
-    def pair(self, stem, param, out_in, *, down=".lora_down.weight", up=".lora_up.weight", alpha=ALPHA,
-             kernel=(), rank=RANK):
-        out, inp = out_in
-        d = 0.3 * torch.randn(rank, inp, *kernel, generator=self.g)
-        u = 0.3 * torch.randn(out, rank, *([1] * len(kernel)), generator=self.g)
-        self.tensors[stem + down], self.tensors[stem + up] = d, u
-        if alpha is not None:
-            self.tensors[stem + ".alpha"] = torch.tensor(alpha)
-        scale = (alpha / rank) if alpha is not None else 1.0
-        delta = (u.flatten(1) @ d.flatten(1)).reshape(out, inp, *kernel) * scale
-        self.effects.append((param, param.split(".")[0].removesuffix("_model"), delta))
-        return self
-
-    def diff(self, key, param, shape):
-        t = 0.05 * torch.randn(*shape, generator=self.g)
-        self.tensors[key] = t
-        self.effects.append((param, param.split(".")[0].removesuffix("_model"), t))
-        return self
-
-    def save(self, path):
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path))
-        return path
-
-
-@torch.no_grad()
 def _hand_merge(m, loras_and_strengths):
-    """W + strength * alpha / rank * up @ down (and W + strength * diff), written out in the test."""
-    params = dict(m.named_parameters())
-    for lora, s in loras_and_strengths:
-        for param, branch, delta in lora.effects:
-            w = s.video if branch == "video" else s.audio
-            params[param].add_(w * delta)
+    hand_merge(dict(m.named_parameters()), loras_and_strengths)
     return m
-
-
-DIM, FFN, HEAD_OUT, FREQ = 256, 288, 192, 256
-
-
-def _convention(name):
-    L = Lora(seed=hash(name) % 1000)
-    if name == "kohya":
-        L.pair("lora_unet_blocks_0_self_attn_q", V + "blocks.0.self_attn.q.weight", (DIM, DIM))
-        L.pair("lora_unet_blocks_1_ffn_0", V + "blocks.1.ffn.0.weight", (FFN, DIM))
-        L.pair("lora_unet_blocks_0_cross_attn_o", V + "blocks.0.cross_attn.o.weight", (DIM, DIM))
-        L.pair("lora_unet_head_head", V + "head.head.weight", (HEAD_OUT, DIM))
-    elif name == "wan_fun":
-        L.pair("lora_unet__blocks_0_cross_attn_k", V + "blocks.0.cross_attn.k.weight", (DIM, DIM))
-        L.pair("lora_unet__blocks_1_ffn_2", V + "blocks.1.ffn.2.weight", (DIM, FFN))
-    elif name == "comfy":
-        L.pair("diffusion_model.blocks.0.self_attn.k", V + "blocks.0.self_attn.k.weight", (DIM, DIM))
-        L.pair("diffusion_model.time_embedding.0", V + "time_embedding.0.weight", (DIM, FREQ))
-        L.pair("diffusion_model.blocks.1.cross_attn.v", V + "blocks.1.cross_attn.v.weight", (DIM, DIM), alpha=None)
-    elif name == "peft_diffusers":
-        kw = dict(down=".lora_A.weight", up=".lora_B.weight", alpha=None)
-        L.pair("transformer.blocks.0.attn1.to_q", V + "blocks.0.self_attn.q.weight", (DIM, DIM), **kw)
-        L.pair("transformer.blocks.0.attn2.to_out.0", V + "blocks.0.cross_attn.o.weight", (DIM, DIM), **kw)
-        L.pair("transformer.blocks.1.ffn.net.0.proj", V + "blocks.1.ffn.0.weight", (FFN, DIM), **kw)
-        L.pair("transformer.proj_out", V + "head.head.weight", (HEAD_OUT, DIM), **kw)
-        L.pair("transformer.condition_embedder.time_proj", V + "time_projection.1.weight", (6 * DIM, DIM), **kw)
-        L.pair("transformer.condition_embedder.time_embedder.linear_2", V + "time_embedding.2.weight", (DIM, DIM),
-               **kw)
-        L.diff("transformer.blocks.0.norm2.diff", V + "blocks.0.norm3.weight", (DIM,))  # diffusers' norm2 = Wan norm3
-        L.diff("transformer.blocks.1.scale_shift_table.diff", V + "blocks.1.modulation.modulation", (1, 6, DIM))
-        L.diff("transformer.scale_shift_table.diff", V + "head.modulation", (1, 2, DIM))
-    elif name == "peft_bare":
-        kw = dict(down=".lora_A.weight", up=".lora_B.weight")
-        L.pair("blocks.0.self_attn.v", V + "blocks.0.self_attn.v.weight", (DIM, DIM), **kw)
-        L.pair("blocks.1.cross_attn.q", V + "blocks.1.cross_attn.q.weight", (DIM, DIM), **kw)
-    elif name == "ovi":
-        L.pair("video_model.blocks.0.cross_attn.k_fusion", V + "blocks.0.cross_attn.k_fusion.weight", (DIM, DIM))
-        L.pair("audio_model.blocks.1.self_attn.q", A + "blocks.1.self_attn.q.weight", (DIM, DIM))
-        L.pair("audio_model.blocks.0.ffn.2", A + "blocks.0.ffn.2.weight", (DIM, FFN))
-    elif name == "ovi_kohya":
-        L.pair("lora_unet_audio_model_blocks_0_cross_attn_v_fusion", A + "blocks.0.cross_attn.v_fusion.weight",
-               (DIM, DIM))
-        L.pair("lora_unet_video_model_blocks_1_self_attn_o", V + "blocks.1.self_attn.o.weight", (DIM, DIM))
-    else:
-        raise KeyError(name)
-    return L
-
-
-CONVENTIONS = {"kohya": "kohya/musubi", "wan_fun": "kohya/musubi", "comfy": "ComfyUI/Wan",
-               "peft_diffusers": "PEFT", "peft_bare": "PEFT", "ovi": "ComfyUI/Wan", "ovi_kohya": "kohya/musubi"}
 
 
 # -- conventions -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CONVENTIONS))
 def test_each_convention_merges_like_the_hand_merge(name, model, tiny_dir, tmp_path):
-    L = _convention(name)
+    L = convention(name)
     path = L.save(tmp_path / f"{name}.safetensors")
     lora = read_lora(path)
     assert CONVENTIONS[name] in lora.convention
@@ -199,7 +109,7 @@ def test_conv_lora_on_the_patch_embedding(model, tiny_dir, tmp_path):
 
 
 def test_torch_pickle_lora_is_read(model, tmp_path):
-    L = _convention("comfy")
+    L = convention("comfy")
     path = tmp_path / "comfy.pt"
     torch.save(L.tensors, path)
     assert load_lora(path, lora_target_shapes(model)).params() == {p for p, _, _ in L.effects}
@@ -208,7 +118,7 @@ def test_torch_pickle_lora_is_read(model, tmp_path):
 # -- side path, stacking, strengths ----------------------------------------------------------------------
 
 def _mixed_lora():
-    L = _convention("ovi")
+    L = convention("ovi")
     L.pair("video_model.blocks.1.ffn.0", V + "blocks.1.ffn.0.weight", (FFN, DIM), alpha=8.0, rank=8)
     L.diff("video_model.blocks.0.norm3.diff", V + "blocks.0.norm3.weight", (DIM,))
     L.diff("audio_model.blocks.0.ffn.2.diff_b", A + "blocks.0.ffn.2.bias", (DIM,))
@@ -240,7 +150,7 @@ def test_side_path_equals_merged(model, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("apply", [apply_merged, apply_side_path])
 def test_two_loras_stack(apply, model, tiny_dir, tmp_path):
-    L1, L2 = _convention("kohya"), _convention("peft_diffusers")  # both touch blocks.0.self_attn.q and head.head
+    L1, L2 = convention("kohya"), convention("peft_diffusers")  # both touch blocks.0.self_attn.q and head.head
     p1 = load_lora(L1.save(tmp_path / "a.safetensors"), lora_target_shapes(model))
     p2 = load_lora(L2.save(tmp_path / "b.safetensors"), lora_target_shapes(model))
     assert p1.params() & p2.params()
@@ -274,7 +184,7 @@ def test_per_branch_strength(branch, model, tiny_dir, tmp_path):
 
 def test_wan_lora_ignores_audio_strength(model, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ovi")
-    plan = load_lora(_convention("comfy").save(tmp_path / "wan.safetensors"), lora_target_shapes(model))
+    plan = load_lora(convention("comfy").save(tmp_path / "wan.safetensors"), lora_target_shapes(model))
     assert plan.plain_wan and plan.branches == {"video"}
     before = _weights(model)
     apply_merged(model, [plan], [LoraStrength(video=1.0, audio=0.3)])
@@ -288,7 +198,7 @@ def test_wan_lora_ignores_audio_strength(model, tmp_path, caplog):
 @pytest.mark.parametrize("apply", [apply_merged, apply_side_path])
 def test_restore_is_bit_exact(apply, model, tmp_path):
     plans = [load_lora(_mixed_lora().save(tmp_path / "m.safetensors"), lora_target_shapes(model)),
-             load_lora(_convention("kohya").save(tmp_path / "k.safetensors"), lora_target_shapes(model))]
+             load_lora(convention("kohya").save(tmp_path / "k.safetensors"), lora_target_shapes(model))]
     base, before = _forward(model), _weights(model)
     handle = apply(model, plans, [LoraStrength(0.9, 1.1), LoraStrength(1.0)])
     assert not torch.equal(_forward(model)[0], base[0])
@@ -315,7 +225,7 @@ def test_restore_is_bit_exact_in_bf16(tiny_dir, tmp_path):
 
 
 def test_handles_restore_in_reverse_order(model, tmp_path):
-    p = load_lora(_convention("kohya").save(tmp_path / "k.safetensors"), lora_target_shapes(model))
+    p = load_lora(convention("kohya").save(tmp_path / "k.safetensors"), lora_target_shapes(model))
     before = _weights(model)
     first = apply_merged(model, [p])
     second = apply_side_path(model, [p])

@@ -14,6 +14,7 @@ FUSION_FOLDER = "diffusion_models"
 TEXT_FOLDER = "text_encoders"
 VAE_FOLDER = "vae"
 AUDIO_FOLDER = "mmaudio"
+LORA_FOLDER = "loras"  # ComfyUI's own: Wan 2.2 5B LoRAs other workflows use are listed for Ovi too
 GGUF = ".gguf"
 _LEGACY = {FUSION_FOLDER: "unet", TEXT_FOLDER: "clip"}  # ComfyUI releases before the folder rename
 _AUDIO_EXTENSIONS = {".pth", ".pt", ".safetensors", ".bin", ".ckpt"}

@@ -103,6 +103,12 @@ class OviModelPatcher(ModelPatcher):
 
 
 def prepare(patcher: OviModelPatcher) -> None:
-    """Register the engine with ComfyUI (first call) and let ComfyUI make room on the device for it."""
-    mm.load_models_gpu([patcher], memory_required=patcher.engine.activation_bytes())
+    """Register the engine with ComfyUI (first call) and let ComfyUI make room on the device for it; set the
+    engine's LoRA stack to the one this value carries (an Ovi LoRA node's output, utils/lora_engine.py; none for
+    the loader's), which the engine applies when it next acquires the fusion model."""
+    from .lora_engine import base_patcher, lora_stack
+
+    base = base_patcher(patcher)
+    base.engine.set_loras(lora_stack(patcher))
+    mm.load_models_gpu([base], memory_required=base.engine.activation_bytes())
 

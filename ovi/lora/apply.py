@@ -13,8 +13,8 @@ Three ways, all returning a ``LoraRestore`` handle:
   gains, biases, modulation tables, convolutions) are merged in place as above, being plain floats in every
   format. ``restore`` removes the hooks and copies those originals back.
 - ``apply_by_format``: each tensor the way its format takes a LoRA best (what the engine uses): plain floats
-  merged; FP8 linears merged in float32 and re-quantised (``fp8="merge"``, the default, see ``FP8_MODES``) or
-  given a side path (``fp8="side"``); GGUF and int8 linears a side path on the dequantised layer, never
+  merged; FP8 linears given a side path (``fp8="side"``, the default, see ``FP8_DEFAULT``) or merged in float32
+  and re-quantised (``fp8="merge"``); GGUF and int8 linears a side path on the dequantised layer, never
   re-quantised.
 
 ``keep_originals=False`` skips the CPU copies of the originals, for a model that is thrown away afterwards (a
@@ -47,13 +47,14 @@ from .plan import Diff, LoraPlan
 
 QUANTISED_KINDS = (FP8Linear, GGUFLinear, Int8Linear)  # linears whose weight is not a plain float tensor
 LINEAR_KINDS = (nn.Linear,) + QUANTISED_KINDS
-# How an FP8 linear takes a LoRA: "merge" (dequantised to float32, merged, re-quantised with a fresh scale of the
-# layer's granularity) or "side" (a low-rank side path). "merge" is the default: on the full-size layer its
-# output is as close to the float32-merged reference as the side path's (both carry the FP8 rounding of the
-# weight; benchmarks/README.md "LoRA on FP8") and it costs nothing per step, where the side path adds two thin
-# matmuls to every adapted layer.
-FP8_MODES = ("merge", "side")
-FP8_DEFAULT = "merge"
+# How an FP8 linear takes a LoRA: "side" (a low-rank side path beside the FP8 weight) or "merge" (dequantised to
+# float32, merged, re-quantised with a fresh scale of the layer's granularity). "side" is the default: its output
+# carries only the FP8 rounding the layer had already (2.63 % on a full-size layer against float32 W + delta,
+# the FP8 layer alone 2.65 %), where re-quantising the merged weight rounds a second time (3.73 %); its cost is
+# two thin matmuls per adapted layer (rank x (in + out) against in x out multiply-adds: 8 % for a 3072 x 3072
+# linear at rank 128). benchmarks/README.md "LoRA on FP8" has the figures.
+FP8_MODES = ("side", "merge")
+FP8_DEFAULT = "side"
 _ACTIVE_ATTR = "_ovi_lora_handles"  # on the model: the handles applied and not yet restored, oldest first
 
 

@@ -6,15 +6,15 @@ read; a file rewritten on disk is read again. Where the LoRAs go follows where t
 
 - a fusion model the engine throws away after the diffusion (the all_gpu / offload device copy of the host
   copy, or a model read from its file): everything by format (``apply_by_format``: plain floats merged on the
-  model's device, FP8 re-quantised, GGUF / int8 side paths) without keeping originals; the host copy or the file
+  model's device, FP8, GGUF and int8 linears side paths) without keeping originals; the host copy or the file
   is the original, and the next acquire starts from it;
 - the host copy itself (offload on the CPU, block swap whose layers run in place): applied once and kept while
   the stack is unchanged; a changed stack first restores the touched tensors bit-exactly from their CPU copies;
 - block swap that runs on device copies: nothing is merged into the host copy. The resident parts' device
   copies are merged once per attach, each streamed layer's copy every time it arrives
   (``BlockSwapper.on_layer_ready``), so a streamed layer gets the LoRA exactly once per copy and the host
-  masters never. Side paths (GGUF / int8, FP8 with ``fp8="side"``) go on the host modules once; their factor
-  buffers stream with the layer.
+  masters never. Side paths (FP8, GGUF and int8 linears) go on the host modules once; their factor buffers
+  stream with the layer.
 """
 
 from __future__ import annotations
