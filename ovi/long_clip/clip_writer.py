@@ -65,6 +65,9 @@ class ClipWriter:
         self._stderr: deque = deque(maxlen=200)
         self._threads: list[threading.Thread] = []
         self._job: threading.Thread | None = None
+        # set when the window being written is done; waited on instead of Thread.join, which an interrupt can
+        # leave believing a running thread has ended (CPython 3.11's join releases the thread's own lock)
+        self._job_done = threading.Event()
         self._job_error: list[BaseException] = []
         self._done = False
         self._video_tmp = temp_path(self.path, ".video")
@@ -99,6 +102,7 @@ class ClipWriter:
         if self._proc is None:
             self._start(shape[1], shape[2])
         # The window is written in a thread so an interrupt of the caller cannot tear it (see the module doc).
+        self._job_done.clear()
         self._job = threading.Thread(target=self._write_window, args=(frames, wave, int(overlap_samples)),
                                      name="ovi-clip-window", daemon=True)
         self._job.start()
@@ -117,6 +121,8 @@ class ClipWriter:
             self.windows += 1
         except BaseException as e:  # reported to the caller by _wait_job
             self._job_error.append(e)
+        finally:
+            self._job_done.set()
 
     def _write_samples(self, samples: torch.Tensor) -> None:
         if self.samples_limit is not None:
@@ -128,7 +134,7 @@ class ClipWriter:
 
     def _wait_job(self) -> None:
         if self._job is not None:
-            self._job.join()
+            self._job_done.wait()
             self._job = None
         if self._job_error:
             e = self._job_error.pop()
@@ -211,7 +217,7 @@ class ClipWriter:
         try:
             self._reap()
             if self._job is not None:
-                self._job.join()  # the encoder is gone, so the window's write ends at once
+                self._job_done.wait()  # the encoder is gone, so the window's write ends at once
                 self._job = None
             self._job_error.clear()
         finally:
