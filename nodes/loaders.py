@@ -131,9 +131,14 @@ class OviEngineLoader:
                 "tooltip": "block_swap only: fused layers kept resident on the GPU (0 streams every layer)."}),
             "attention": (list(ATTENTION), {
                 "default": "auto", "tooltip": "auto: FlashAttention when installed and usable, else PyTorch SDPA."}),
+        }, "optional": {
+            "compile": ("BOOLEAN", {
+                "default": False, "tooltip": "torch.compile the fused layer: compiled during the first step (about "
+                                             "a minute), faster steps after; a new size or LoRA recompiles. Needs "
+                                             "Triton on the GPU."}),
         }}
 
-    def load(self, model, components, variant, precision, memory_mode, block_swap_layers, attention):
+    def load(self, model, components, variant, precision, memory_mode, block_swap_layers, attention, compile=False):
         import comfy.model_management as mm
 
         from ..ovi.detect import split_pair
@@ -145,7 +150,8 @@ class OviEngineLoader:
         options = EngineOptions(
             variant=None if variant == "auto" else variant, device=mm.get_torch_device(),
             dtype=None if precision == "auto" else precision, memory_mode=memory_mode,
-            block_swap=int(block_swap_layers) if memory_mode == "block_swap" else 0, attention=attention)
+            block_swap=int(block_swap_layers) if memory_mode == "block_swap" else 0, attention=attention,
+            compile=bool(compile))
         fusion = split_pair(path, info)  # a split pack's other half comes from beside the chosen one
         engine = OviEngine(fusion if len(fusion) > 1 else path, components["text_encoder"], None,
                            components["video_vae"], components["audio_vae"], components["vocoder"], options=options)

@@ -63,11 +63,15 @@ class OviSampler:
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "First frame for image-to-video (the first image of a batch)."}),
+                "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                                              "Step cache: steps whose estimated output change stays below this "
+                                              "reuse the last full step instead of running the model (0.05-0.1 "
+                                              "skips about a third of 50 steps). 0: off, every step runs."}),
             },
         }
 
     def sample(self, engine, prompt, video_negative_prompt, audio_negative_prompt, width, height, seed, steps, solver,
-               shift, video_guidance, audio_guidance, slg_layer, image=None):
+               shift, video_guidance, audio_guidance, slg_layer, image=None, cache_threshold=0.0):
         from ..utils.model_management import prepare
         from ..utils.progress import interruptible, latent_preview, progress_bar, should_stop
 
@@ -84,5 +88,5 @@ class OviSampler:
                 solver=solver, shift=float(shift), video_guidance=float(video_guidance),
                 audio_guidance=float(audio_guidance), slg_layer=int(slg_layer),
                 progress=None if preview is not None else progress_bar(int(steps)), preview=preview,
-                should_stop=should_stop)
+                should_stop=should_stop, cache_threshold=float(cache_threshold))
         return (to_latent(result),)

@@ -25,10 +25,10 @@ PACK_MODULE_PREFIX = "custom_nodes."
 NODES = {
     "OviComponentLoader": (["text_encoder", "video_vae", "audio_vae", "vocoder"], [], ["OVI_COMPONENTS"]),
     "OviEngineLoader": (["model", "components", "variant", "precision", "memory_mode", "block_swap_layers",
-                         "attention"], [], ["OVI_ENGINE"]),
+                         "attention"], ["compile"], ["OVI_ENGINE"]),
     "OviSampler": (["engine", "prompt", "video_negative_prompt", "audio_negative_prompt", "width", "height", "seed",
-                    "steps", "solver", "shift", "video_guidance", "audio_guidance", "slg_layer"], ["image"],
-                   ["LATENT"]),
+                    "steps", "solver", "shift", "video_guidance", "audio_guidance", "slg_layer"],
+                   ["image", "cache_threshold", "audio", "video", "video_frames", "video_fps", "overlap"], ["LATENT"]),
     "OviDecode": (["engine", "latent", "tile_size", "tile_overlap", "vae_precision"], [],
                   ["IMAGE", "AUDIO", "FLOAT", "VIDEO"]),
     "OviSaveLatent": (["latent", "filename_prefix"], [], []),
