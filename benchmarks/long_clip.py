@@ -1,6 +1,6 @@
 """Peak memory and time per window of a long clip, for 1, 2, 4 and 8 windows, on the tiny model on the CPU.
 
-    python benchmarks/long_clip.py [--windows 1,2,4,8] [--size 128] [--steps 2] [--models DIR]
+    python benchmarks/long_clip.py [--windows 1,2,4,8] [--size 128] [--steps 2] [--threads 1] [--models DIR]
 
 Each clip runs in a fresh Python process (``--child``): the tiny checkpoint set (``ovi.tools.make_tiny``, made
 in a temporary folder unless ``--models`` names one), ``OviEngine`` on the CPU, ``generate_clip`` writing the
@@ -41,6 +41,7 @@ def child(a: argparse.Namespace) -> None:
     from ovi.engine import OviEngine
     from ovi.long_clip import generate_clip, plan_clip
 
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     engine = OviEngine.from_dir(a.models, variant=VARIANT)
     plan = plan_clip(VARIANT, windows=a.child, overlap=1.0, seed=1)
@@ -50,7 +51,9 @@ def child(a: argparse.Namespace) -> None:
                                steps=a.steps, slg_layer=1)
         total = time.perf_counter() - t0
     per = [t["generate"] + t["decode"] + t["write"] for t in result.timings]
-    print(json.dumps(dict(windows=a.child, seconds=plan.frames / 24, peak_mb=_status_kb("VmHWM") / 1024,
+    frames_mb = plan.frames * a.size * a.size * 3 * 4 / 2 ** 20  # the whole clip's frames as float32, for scale
+    print(json.dumps(dict(windows=a.child, seconds=plan.frames / 24, frames_mb=frames_mb,
+                          peak_mb=_status_kb("VmHWM") / 1024,
                           end_mb=_status_kb("VmRSS") / 1024, total_s=total, per_window_s=per)))
 
 
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default="1,2,4,8", help="window counts, comma-separated")
     p.add_argument("--size", type=int, default=128, help="frame side in pixels (a multiple of 32)")
     p.add_argument("--steps", type=int, default=2)
+    # one thread by default: on a shared 2-core machine OpenMP contention makes 2 threads several times slower
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each run")
     p.add_argument("--models", type=Path, default=None, help="a tiny checkpoint set (default: made in a temp dir)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -76,18 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for n in counts:
             cmd = [sys.executable, __file__, "--child", str(n), "--size", str(a.size), "--steps", str(a.steps),
-                   "--models", str(models)]
+                   "--threads", str(a.threads), "--models", str(models)]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{n} windows: peak {r['peak_mb']:.0f} MB, {r['total_s']:.1f} s", file=sys.stderr)
     base = next((r for r in rows if r["windows"] == 2), rows[0])
-    print(f"\n{VARIANT} tiny model, {a.size}x{a.size}, {a.steps} steps, overlap 1 s, CPU\n")
-    print("| windows | clip s | peak RSS MB | vs 2 windows | total s | s per window (mean) | slowest window s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{VARIANT} tiny model, {a.size}x{a.size}, {a.steps} steps, overlap 1 s, CPU, {a.threads} thread(s)\n")
+    print("| windows | clip s | clip frames (float32) MB | peak RSS MB | vs 2 windows | total s | s per window (mean) "
+          "| slowest window s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = r["per_window_s"]
-        print(f"| {r['windows']} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f}x | "
+        print(f"| {r['windows']} | {r['seconds']:.2f} | {r['frames_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f}x | "
               f"{r['total_s']:.1f} | {sum(per) / len(per):.2f} | {max(per):.2f} |")
     return 0
 

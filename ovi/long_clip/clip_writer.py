@@ -132,10 +132,16 @@ class ClipWriter:
         self._pcm.write(memoryview(_audio_pcm(samples)).cast("B"))
         self.samples_written += int(samples.shape[0])
 
-    def _wait_job(self) -> None:
+    def wait(self) -> int:
+        """Wait for the window being written, if an interrupt stopped ``append`` while it waited; returns the
+        windows appended completely (what ``close`` writes). Its errors, if any, come from ``close``."""
         if self._job is not None:
             self._job_done.wait()
             self._job = None
+        return self.windows
+
+    def _wait_job(self) -> None:
+        self.wait()
         if self._job_error:
             e = self._job_error.pop()
             self._job_error.clear()

@@ -279,7 +279,8 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
                 log.info("window %d/%d: seed %d, loaded from %s", i + 1, n_windows, w.seed,
                          window_files.window_path(folder, i))
                 if progress is not None:
-                    progress(i + 1, n_windows, 1, 1)
+                    steps = int(result.settings.get("steps", 1))
+                    progress(i + 1, n_windows, steps, steps)
             else:
                 result = _generate_window(engine, w, n_windows, prompts[i], image, track, frames_in, previous,
                                           previous_tail, plan, size, video_mode, audio_mode, progress,
@@ -288,6 +289,7 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
                 if folder is not None:
                     window_files.save_window(folder, result, request)
             size = (result.height, result.width)
+            results.append(result)  # before it is written: an interrupt from here on may still finish it
             t1 = time.perf_counter()
 
             # decode what the clip takes from this window, append it, keep what the next window needs
@@ -315,20 +317,13 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
                 del kept
             del waveform
             previous = result
-            results.append(result)
             t3 = time.perf_counter()
             timings.append(dict(window=i, generate=t1 - t0, decode=t2 - t1, write=t3 - t2, resumed=resumed))
     except BaseException as e:
-        done = writer.windows
-        if done == 0:
-            writer.abort()
+        written = _write_finished(writer, path)
+        if written is None:
             raise
-        try:
-            written = writer.close()
-        except BaseException as close_error:
-            log.warning("could not write the %d finished window%s of %s: %s", done, "s" if done > 1 else "",
-                        path, close_error)
-            raise e from None
+        done = writer.windows
         log.warning("stopped in window %d/%d (%s): wrote the %d finished window%s to %s", done + 1, n_windows,
                     type(e).__name__, done, "s" if done > 1 else "", written)
         if isinstance(e, Interrupted):
@@ -336,6 +331,20 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
         raise
     written = writer.close()
     return ClipResult(written, plan, n_windows, False, results, timings)
+
+
+def _write_finished(writer: ClipWriter, path) -> Path | None:
+    """After a stop: the mp4 of the windows finished (a window being written when it came is finished first),
+    or None, with nothing left behind, when there are none or the writing failed (a second interrupt too)."""
+    try:
+        if writer.wait() == 0:
+            writer.abort()
+            return None
+        return writer.close()
+    except BaseException as err:
+        writer.abort()
+        log.warning("could not write the finished windows of %s: %s", path, str(err) or type(err).__name__)
+        return None
 
 
 def _generate_window(engine, w: Window, n_windows: int, prompt: str, image, track, frames_in, previous,
