@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = r["per_window_s"]
-        print(f"| {r['windows']} | {r['seconds']:.2f} | {r['frames_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f}x | "
-              f"{r['total_s']:.1f} | {sum(per) / len(per):.2f} | {max(per):.2f} |")
+        print(f"| {r['windows']} | {r['seconds']:.2f} | {r['frames_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['peak_mb'] / base['peak_mb']:.3f}x | {r['total_s']:.1f} | {sum(per) / len(per):.2f} | "
+              f"{max(per):.2f} |")
     return 0
 
 

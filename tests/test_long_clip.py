@@ -52,6 +52,19 @@ def _leftovers(folder) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.endswith(".partial"))
 
 
+# -- the plan ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 1.0])
+def test_a_duration_plans_the_fewest_windows_that_hold_it(overlap):
+    # a tenth-second grid, and lengths a fifth of a frame past one and two 1 s-overlap windows' spans
+    for seconds in [t / 10 for t in range(10, 400, 7)] + [5.05, 9.05]:
+        plan = plan_clip(VARIANT, duration=seconds, overlap=overlap)
+        assert plan.frames == round(seconds * 24)
+        assert plan.span_frames >= plan.frames
+        if plan.count > 1:
+            fewer = plan_clip(VARIANT, windows=plan.count - 1, overlap=overlap)
+            assert fewer.span_frames < plan.frames
+
+
 # -- stitching -----------------------------------------------------------------------------------------
 def test_crossfade_of_the_same_sound_is_that_sound():
     a = _tone(0, 8192)

@@ -398,7 +398,8 @@ def extend(engine, previous: GenerationResult, prompt: str, *, overlap: float = 
         raise ValueError(f"the previous window is {previous.variant} but the engine runs {v.name}")
     for key in ("noise", "video_known", "audio_known", "known_seed", "image"):
         if key in generate_kw:
-            raise ValueError(f"{key}= cannot be given to extend: {RESERVED_KEYS.get(key, 'the window continues the previous one')}")
+            why = RESERVED_KEYS.get(key, "the first frame of a later window is the previous window's")
+            raise ValueError(f"{key}= cannot be given to extend: {why}")
     _check_mode("video_mode", video_mode)
     _check_mode("audio_mode", audio_mode)
     meta = _meta_of(previous)

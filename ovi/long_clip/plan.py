@@ -11,10 +11,10 @@ Rounding, and why:
   alone and then groups of 4, so exactly ``1 + m`` latent frames stand for them): ``m = round(overlap * fps /
   4)``. The default 1 s is 25 frames (24 frame intervals = exactly 1 s); 0 s is 1 frame, the last frame only.
 * Video frame i is at i / 24 s; audio token j covers 512 samples from j * 512 / 16000 s: 31.25 tokens a
-  second against 24 frames, 125 tokens per 96 frames. A window's first token is its first frame's time in tokens, rounded to the
-  nearest token (halves up), on the clip's axis, never accumulated window to window: audio and video stay
-  within half a token (16 ms) of each other however many windows there are. The tokens shared with the
-  previous window are those that window still covers.
+  second against 24 frames, 125 tokens per 96 frames. A window's first token is its first frame's time in
+  tokens, rounded to the nearest token (halves up), on the clip's axis, never accumulated window to window:
+  audio and video stay within half a token (16 ms) of each other however many windows there are. The tokens
+  shared with the previous window are those that window still covers.
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ class ClipPlan:
 
 
 def windows_for(variant: Variant | str, seconds: float, overlap_frames: int) -> int:
-    """The fewest windows whose frames cover ``seconds``."""
+    """The fewest windows whose frames cover ``seconds`` (as ``plan_clip`` cuts it: the nearest whole frame)."""
     v = get_variant(variant)
-    need = max(1, math.ceil(seconds * v.fps - 1e-9))
+    need = max(1, math.floor(seconds * v.fps + 0.5))
     if need <= v.video_frames:
         return 1
     return 1 + math.ceil((need - v.video_frames) / (v.video_frames - overlap_frames))
