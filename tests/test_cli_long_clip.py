@@ -162,3 +162,16 @@ def test_interrupt_keeps_the_finished_windows_and_a_rerun_resumes(tiny_dir, tmp_
     assert "window 1/2: seed 3, loaded from" in run.stderr
     assert "[Ovi] window 1/2 diffusion 1/20" not in run.stderr and "[Ovi] window 2/2 diffusion 20/20" in run.stderr
     check_streams(out, 216, 144000, (64, 64))
+
+
+def test_help_lists_the_long_clip_options(capsys):
+    from ovi.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--duration SECONDS", "--overlap SECONDS", "--audio FILE", "--video FILE", "--window-latents DIR",
+                   "--video-mode {clean,renoise}", "--audio-mode {clean,renoise}"):
+        assert option in text, option
+    assert "default 1.0" in text and "Repeat it for a long clip's windows" in text
