@@ -480,14 +480,16 @@ class OviEngine:
         return self.report
 
     # -- LoRAs (ovi/lora/engine_loras.py) ---------------------------------------------------------------------
-    def set_loras(self, loras: Sequence[tuple[str | os.PathLike, Any]] = ()) -> None:
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike, Any]] = (), *, fp8: str | None = None) -> None:
         """The LoRA stack of the next generations: ``(file, strength)`` pairs applied in order, a strength being
         an ``ovi.lora.LoraStrength(video, audio)``, one number for both branches or a (video, audio) pair
         (a Wan 2.2 LoRA without branch prefix acts on the video branch only). Files are read once and cached;
         ``[]`` takes every LoRA off again. A missing file, a file that is no LoRA or one that matches nothing
         on the fusion model is a ``LoraError`` (a ``ValueError``) naming it, raised here or at the next
-        ``generate`` (matching needs the model's shapes, known from the first load on)."""
-        self._loras.set(loras)
+        ``generate`` (matching needs the model's shapes, known from the first load on). ``fp8``: how FP8
+        linears take them, "side" (a low-rank side path, the default) or "merge" (merged and re-quantised);
+        None keeps the current choice."""
+        self._loras.set(loras, fp8=fp8)
 
     @property
     def loras(self) -> tuple:

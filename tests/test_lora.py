@@ -17,6 +17,7 @@ from ovi.quant.fp8 import FP8Linear
 from ovi.quant.gguf_dequant import Q
 from ovi.quant.gguf_load import GGUFLinear, GGUFWeight
 from ovi.quant.gguf_quantize import quantize
+from ovi.quant.int8 import Int8Linear, quantise_int8
 
 from lora_files import A, CONVENTIONS, DIM, FFN, HEAD_OUT, V, Lora, convention, hand_merge
 
@@ -293,6 +294,51 @@ def test_side_path_on_fp8_and_gguf_layers(tiny_dir, tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     handle.restore()
     assert not any(isinstance(m, LoraSidePath) for m in quantised.modules())
+
+
+def test_side_path_on_int8_layers(tiny_dir, tmp_path):
+    """Wan2GP's quanto int8 layers (Int8Linear) take a side path on their dequantised weight; merging is refused."""
+    path = tiny_dir / "Ovi" / "model.safetensors"
+
+    def int8_model():
+        m = load_fusion_model(path, dtype=torch.float32)
+        for parent, name in ((m.audio_model.blocks[0].self_attn, "v"), (m.video_model.blocks[1].cross_attn, "o")):
+            lin = getattr(parent, name)
+            q = Int8Linear(lin.in_features, lin.out_features)
+            q.weight, q.scale = quantise_int8(lin.weight.detach())
+            q.bias.data = lin.bias.detach().clone()
+            setattr(parent, name, q)
+        return m
+
+    quantised = int8_model()
+    L = Lora(seed=13)
+    L.pair("audio_model.blocks.0.self_attn.v", A + "blocks.0.self_attn.v.weight", (DIM, DIM))
+    L.pair("video_model.blocks.1.cross_attn.o", V + "blocks.1.cross_attn.o.weight", (DIM, DIM))
+    L.diff("video_model.blocks.1.cross_attn.o.diff", V + "blocks.1.cross_attn.o.weight", (DIM, DIM))
+    plan = load_lora(L.save(tmp_path / "int8.safetensors"), lora_target_shapes(quantised))
+    s = LoraStrength(video=0.8, audio=1.1)
+    with pytest.raises(LoraError, match="side path"):
+        apply_merged(quantised, [plan], [s])
+    data_before = quantised.audio_model.blocks[0].self_attn.v.weight.clone()
+    base = _forward(quantised)
+    reference = int8_model()
+    with torch.no_grad():  # the same model with plain linears holding the int8 layers' dequantised weights
+        for parent, name in ((reference.audio_model.blocks[0].self_attn, "v"),
+                             (reference.video_model.blocks[1].cross_attn, "o")):
+            q = getattr(parent, name)
+            lin = nn.Linear(q.in_features, q.out_features)
+            lin.weight.copy_(q.dequantised_weight(torch.float32))
+            lin.bias.copy_(q.bias)
+            setattr(parent, name, lin)
+    _hand_merge(reference, [(L, s)])
+    handle = apply_side_path(quantised, [plan], [s])
+    assert torch.equal(quantised.audio_model.blocks[0].self_attn.v.weight, data_before)  # still int8 data
+    assert sum(isinstance(m, LoraSidePath) for m in quantised.modules()) == 2
+    for g, w, b in zip(_forward(quantised), _forward(reference), base):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        assert (w - b).abs().max() > 1e-2
+    handle.restore()
+    assert all(torch.equal(g, b) for g, b in zip(_forward(quantised), base))
 
 
 # -- strictness ----------------------------------------------------------------------------------------

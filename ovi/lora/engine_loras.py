@@ -91,11 +91,14 @@ class EngineLoras:
         self._applied: _Applied | None = None
 
     # -- the stack --------------------------------------------------------------------------------------
-    def set(self, loras: Iterable) -> None:
+    def set(self, loras: Iterable, *, fp8: str | None = None) -> None:
         """Replace the stack by ``loras``: ``(path, strength)`` pairs in application order (strength: a
         ``LoraStrength``, a number for both branches, or a (video, audio) pair). Files are read now (cached),
         and matched now when the fusion model's shapes are known (else at the next generate): a missing file, a
-        file that is no LoRA or one that matches nothing on Ovi is a ``LoraError`` naming it."""
+        file that is no LoRA or one that matches nothing on Ovi is a ``LoraError`` naming it. ``fp8``: the FP8
+        mode (``FP8_MODES``) from now on; None keeps it."""
+        if fp8 is not None and fp8 not in FP8_MODES:
+            raise ValueError(f"the FP8 LoRA mode must be one of {FP8_MODES}, got {fp8!r}")
         entries = []
         for item in loras:
             try:
@@ -110,6 +113,8 @@ class EngineLoras:
                 self._plan(entry.path)
             entries.append(entry)
         entries = tuple(entries)
+        if fp8 is not None:
+            self.fp8 = fp8
         if entries != self.entries:
             log.info("LoRA stack: %s", ", ".join(f"{e.name} (video {e.strength.video:g}, audio "
                                                  f"{e.strength.audio:g})" for e in entries) or "none")
