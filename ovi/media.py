@@ -340,8 +340,8 @@ def resample_frames(frames, fps: float, *, target_fps: float = FPS) -> torch.Ten
     if Fraction(fps).limit_denominator(1001) == Fraction(target_fps).limit_denominator(1001):
         return frames
     idx = frame_indices(frames.shape[0], fps, target_fps)
-    log.info("frames: %d at %.5g fps -> %d at %g fps (the frame on screen at each new frame's time)", frames.shape[0], fps, idx.numel(),
-             target_fps)
+    log.info("frames: %d at %.5g fps -> %d at %g fps (the frame on screen at each new frame's time)",
+             frames.shape[0], fps, idx.numel(), target_fps)
     return frames.index_select(0, idx)
 
 

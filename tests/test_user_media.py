@@ -228,7 +228,7 @@ def test_video_file_errors(tmp_path):
         media.fit_frames(torch.zeros(4, 4, 3))
 
 
-# -- fitting to a clip plan ----------------------------------------------------------------------------------------------
+# -- fitting to a clip plan ------------------------------------------------------------------------------------------
 def test_audio_plans_follow_the_track():
     plan = media.plan_for_audio("720x720_5s", torch.zeros(12 * 16000))
     assert plan.count == 3 and plan.frames == 288 and plan.samples == 12 * 16000
