@@ -1,4 +1,5 @@
-"""The sampler node: prompt (+ optional first frame) -> video and audio latents as one LATENT."""
+"""The sampler node: prompt (+ optional first frame, or the user's audio or video) -> video and audio latents as
+one LATENT (one window, or every window of a clip as long as the user's media)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def frame_size(width: int, height: int) -> tuple[int, int] | None:
 class OviSampler:
     DESCRIPTION = ("Generates video and audio latents together: text to audio+video, or image to audio+video when "
                    "an IMAGE is connected (it becomes the first frame). Speech goes in <S>...<E>, sounds after "
-                   "'Audio:'.")
+                   "'Audio:'. With audio connected the picture is made for that sound (lip-sync; the image, if any, "
+                   "gives the first frame); with video or video_frames the sound is made for that picture "
+                   "(soundtrack). Media longer than one window gives a long clip of windows sharing 'overlap' "
+                   "seconds: connect it to Ovi Save Video's latent input.")
     CATEGORY = "Ovi"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -67,18 +71,46 @@ class OviSampler:
                                               "Step cache: steps whose estimated output change stays below this "
                                               "reuse the last full step instead of running the model (0.05-0.1 "
                                               "skips about a third of 50 steps). 0: off, every step runs."}),
+                "audio": ("AUDIO", {"tooltip": "Lip-sync: the clip's sound (resampled to 16 kHz mono), held as known "
+                                               "audio; the clip lasts as long as it, in windows when longer than one. "
+                                               "Its own samples are the clip's soundtrack."}),
+                "video": ("VIDEO", {"tooltip": "Soundtrack: the clip's frames (at 24 fps, resized to width x height "
+                                               "or the variant's area, multiples of 32), held as known video; the "
+                                               "model makes the sound. In windows when longer than one."}),
+                "video_frames": ("IMAGE", {"tooltip": "Soundtrack from an IMAGE batch instead of a VIDEO: the "
+                                                      "frames, at video_fps."}),
+                "video_fps": ("FLOAT", {"default": 24.0, "min": 1.0, "max": 240.0, "step": 0.01,
+                                        "tooltip": "Frame rate of video_frames (converted to 24 fps)."}),
+                "overlap": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.1, "tooltip":
+                                      "Seconds each window of a long clip shares with the one before, picture "
+                                      "and sound (1 s = 25 frames; 0: the last frame only). Used when the "
+                                      "audio or video is longer than one window."}),
             },
         }
 
     def sample(self, engine, prompt, video_negative_prompt, audio_negative_prompt, width, height, seed, steps, solver,
-               shift, video_guidance, audio_guidance, slg_layer, image=None, cache_threshold=0.0):
+               shift, video_guidance, audio_guidance, slg_layer, image=None, audio=None, video=None,
+               video_frames=None, video_fps=24.0, overlap=1.0, cache_threshold=0.0):
         from ..utils.model_management import prepare
         from ..utils.progress import interruptible, latent_preview, progress_bar, should_stop
+        from ..utils.user_media import sample_windows, user_media
 
         size = frame_size(int(width), int(height))
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: describe the video, with speech in <S>...<E> and the sound after "
                              "'Audio:'.")
+        chosen = user_media(engine.engine.variant, audio=audio, video=video, video_frames=video_frames,
+                            video_fps=video_fps, image=image, size=size, overlap=overlap, seed=int(seed))
+        if chosen is not None:
+            with interruptible():
+                prepare(engine)
+                clip = sample_windows(
+                    engine.engine, prompt, chosen, image=image, size=size, steps=int(steps),
+                    video_negative_prompt=video_negative_prompt, audio_negative_prompt=audio_negative_prompt,
+                    solver=solver, shift=float(shift), video_guidance=float(video_guidance),
+                    audio_guidance=float(audio_guidance), slg_layer=int(slg_layer),
+                    cache_threshold=float(cache_threshold))
+            return (to_latent(clip),)
         with interruptible():
             prepare(engine)
             preview = latent_preview(int(steps))

@@ -12,11 +12,12 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "sage")  # ovi.attention.mak
 SOLVERS = ("unipc", "euler", "dpm++")  # ovi.sampling.schedules.make_schedule builds them
 GGUF_TARGETS = ("gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q4_k", "gguf-f16", "gguf-bf16")
 CONVERT_TARGETS = ("fp8",) + GGUF_TARGETS  # `python -m ovi convert --to` and the OviConvertModel node
+KNOWN_MODES = ("clean", "renoise")  # how known video / audio is held (ovi.sampling.known documents both)
 
 # The official inference config's negative prompts (the engine's own defaults are empty, as in the official
 # generate()); the CLI and the sampler node start from these.
 VIDEO_NEGATIVE_PROMPT = "jitter, bad hands, blur, distortion"
 AUDIO_NEGATIVE_PROMPT = "robotic, muffled, echo, distorted"
 
-__all__ = ["MEMORY_MODES", "ATTENTION_BACKENDS", "SOLVERS", "GGUF_TARGETS", "CONVERT_TARGETS",
+__all__ = ["MEMORY_MODES", "ATTENTION_BACKENDS", "SOLVERS", "GGUF_TARGETS", "CONVERT_TARGETS", "KNOWN_MODES",
            "VIDEO_NEGATIVE_PROMPT", "AUDIO_NEGATIVE_PROMPT"]

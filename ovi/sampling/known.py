@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-KNOWN_MODES = ("clean", "renoise")
+from ..choices import KNOWN_MODES
 # Video was trained with a clean first frame at t = 0, so clean frames are in-distribution for it.
 DEFAULT_VIDEO_MODE = "clean"
 # Audio never saw per-token timesteps in training; renoising keeps every token on the step's own level.
