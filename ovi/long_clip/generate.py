@@ -230,7 +230,7 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
     """Generate the windows of ``plan`` and write them to ``path`` as one mp4 (see the module doc).
 
     ``prompts``: one per window (a storyboard) or one for all. ``image``: window 0's first frame (I2AV).
-    ``audio_track`` [N] (16 kHz mono, at least the clip's length and at most its windows' span; shorter is
+    ``audio_track`` [N] (16 kHz mono, from the clip's length up to its windows' span; the rest of the span is
     padded with silence): lip-sync. ``video_frames`` [T, H, W, 3] in [0, 1] at 24 fps, H and W multiples of
     32: soundtrack. ``video_mode`` / ``audio_mode``: how known regions are held (``ovi.sampling.known``; None:
     video clean, audio renoise). ``progress(window, windows, step, steps)``: window counts from 1.
@@ -266,14 +266,16 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
             lo, hi = w.frame_start, w.frame_start + v.video_frames
             s_lo = w.token_start * AUDIO_SAMPLES_PER_LATENT
             s_hi = s_lo + v.audio_samples
-            request = dict(variant=v.name, fusion=fusion, prompt=prompts[i], seed=w.seed,
-                           window=window_meta(w, base_seed), video_mode=video_mode, audio_mode=audio_mode,
-                           image=window_files.digest(image) if i == 0 else None,
-                           audio_track=None if track is None else window_files.digest(track[s_lo:s_hi]),
-                           video_frames=None if frames_in is None else window_files.digest(frames_in[lo:hi]),
-                           **settings)
             t0 = time.perf_counter()
-            result = None if folder is None else window_files.load_window(folder, i, request)
+            request = result = None
+            if folder is not None:  # what made this window, to find it saved (the digests cost a read of it)
+                request = dict(variant=v.name, fusion=fusion, prompt=prompts[i], seed=w.seed,
+                               window=window_meta(w, base_seed), video_mode=video_mode, audio_mode=audio_mode,
+                               image=window_files.digest(image) if i == 0 else None,
+                               audio_track=None if track is None else window_files.digest(track[s_lo:s_hi]),
+                               video_frames=None if frames_in is None else window_files.digest(frames_in[lo:hi]),
+                               **settings)
+                result = window_files.load_window(folder, i, request)
             resumed = result is not None
             if resumed:
                 log.info("window %d/%d: seed %d, loaded from %s", i + 1, n_windows, w.seed,
