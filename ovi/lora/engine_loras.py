@@ -126,6 +126,7 @@ class EngineLoras:
         if cached is None or cached[0] != stamp:
             lora = read_lora(path)
             self.files_read += 1
+            log.info("LoRA %s read (%d modules, %s)", path.name, len(lora.modules), lora.convention)
             self._files[path] = (stamp, lora)
             self._plans = {k: v for k, v in self._plans.items() if k[0] != path}
         return self._files[path]

@@ -14,7 +14,7 @@ import pytest
 
 from .harness import (COMFY_DIR, PACK_NAMES, ROOT, ComfyServer, browser_problem, install_models, required,
                       run_browser, setup_problem)
-from .nodes_helpers import CONVERTED
+from .nodes_helpers import CONVERTED, FASTWAN_LORA
 
 
 def unavailable(reason: str):
@@ -79,9 +79,15 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def comfy_models(comfy_server, tiny_checkpoints) -> dict[str, list[str]]:
     """The tiny checkpoints placed in the shared server's models folder: {folder: [names]} for
-    diffusion_models, text_encoders, vae and mmaudio. ComfyUI rescans folders on use, so placing them
+    diffusion_models, text_encoders, vae, mmaudio and loras. ComfyUI rescans folders on use, so placing them
     after the start is enough."""
-    return install_models(comfy_server.models_dir, tiny_checkpoints)
+    from ovi.tools.tiny.lora import write_tiny_lora
+
+    placed = install_models(comfy_server.models_dir, tiny_checkpoints)
+    # the FastWan workflow's LoRA: a tiny Wan-convention LoRA for the tiny video branch, under the real name
+    write_tiny_lora(comfy_server.models_dir / "loras" / FASTWAN_LORA)
+    placed["loras"] = [FASTWAN_LORA]
+    return placed
 
 
 @pytest.fixture(scope="session")

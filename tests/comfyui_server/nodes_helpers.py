@@ -33,8 +33,12 @@ NODES = {
                   ["IMAGE", "AUDIO", "FLOAT", "VIDEO"]),
     "OviSaveLatent": (["latent", "filename_prefix"], [], []),
     "OviLoadLatent": (["latent"], [], ["LATENT"]),
-    "OviSaveVideo": (["images", "fps", "filename_prefix", "crf"], ["audio"], []),
+    "OviSaveVideo": (["fps", "filename_prefix", "crf"], ["images", "audio", "latent", "engine"], []),
+    "OviExtend": (["engine", "latent", "prompt", "seed", "overlap"],
+                  ["steps", "solver", "shift", "video_guidance", "audio_guidance", "video_mode", "audio_mode"],
+                  ["LATENT"]),
     "OviConvertModel": (["source", "target", "output_name"], [], ["STRING"]),
+    "OviLora": (["engine", "lora_name", "strength_video", "strength_audio"], [], ["OVI_ENGINE"]),
 }
 # (target, source, written file) relative to the make_tiny output: the names the FP8 / GGUF workflows load.
 CONVERTED = (
@@ -42,6 +46,8 @@ CONVERTED = (
     ("gguf-q4_k", "Ovi/model_960x960_10s.safetensors", "Ovi/Ovi-960x960-10s-Q4_K.gguf"),
     ("gguf-q8_0", "text_encoders/umt5_xxl_fp16.safetensors", "text_encoders/umt5-xxl-encoder-Q8_0.gguf"),
 )
+# The FastWan workflow's LoRA, by its real name; the server tests place a tiny Wan-convention LoRA under it.
+FASTWAN_LORA = "Wan2_2_5B_FastWanFullAttn_lora_rank_128_bf16.safetensors"
 API_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*_api.json"))
 UI_WORKFLOWS = sorted(p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
 TEST_SIZE = (96, 64)  # width, height: small, both multiples of 32, not square (catches swapped axes)
@@ -80,10 +86,11 @@ def load_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text())
 
 
-def tiny_api(api: dict, models: dict[str, list[str]], tag: str, image: str | None = None) -> dict:
+def tiny_api(api: dict, models: dict[str, list[str]], tag: str, image: str | None = None, audio: str | None = None,
+             video: str | None = None) -> dict:
     """A shipped API workflow made cheap: every file it names must be one the tiny set provides (make_tiny writes
     the real file names), 2 steps, 96x64, SLG on the tiny model's layer 1, output prefixes tagged so each run
-    writes new files."""
+    writes new files; Load Image / Load Audio / Load Video read the given input files."""
     api = copy.deepcopy(api)
     for node_id, node in api.items():
         ins, kind = node["inputs"], node["class_type"]
@@ -92,11 +99,19 @@ def tiny_api(api: dict, models: dict[str, list[str]], tag: str, image: str | Non
                 assert ins[key] in models[folder], f"{key} {ins[key]!r} is not a file the tiny set provides"
         elif kind == "OviEngineLoader":
             assert ins["model"] in models["diffusion_models"], ins["model"]
+        elif kind == "OviLora":
+            assert ins["lora_name"] in models.get("loras", []), f"LoRA {ins['lora_name']!r} is not one the tests place"
         elif kind == "OviSampler":
             ins.update(steps=TEST_STEPS, width=TEST_SIZE[0], height=TEST_SIZE[1], slg_layer=1)
         elif kind == "LoadImage":
             assert image is not None, "this workflow loads an image: pass one"
             ins["image"] = image
+        elif kind == "LoadAudio":
+            assert audio is not None, "this workflow loads audio: pass a file"
+            ins["audio"] = audio
+        elif kind == "LoadVideo":
+            assert video is not None, "this workflow loads a video: pass a file"
+            ins["file"] = video
         if isinstance(ins.get("filename_prefix"), str):
             folder, _, base = ins["filename_prefix"].rpartition("/")
             ins["filename_prefix"] = f"{folder + '/' if folder else ''}{tag}_{base}"
@@ -121,23 +136,85 @@ def png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def check_clip(path: Path, variant: str, size: tuple[int, int] = TEST_SIZE) -> dict:
-    """The mp4 has one H.264 video and one AAC audio stream with the variant's frame count, frame size and
-    durations (video T/fps, audio N/16000 within one AAC frame). Returns the probe."""
+def check_clip(path: Path, variant: str, size: tuple[int, int] = TEST_SIZE, frames: int | None = None,
+               samples: int | None = None) -> dict:
+    """The mp4 has one H.264 video and one AAC audio stream with the variant's frame count (or ``frames``), frame
+    size and durations (video T/fps, audio N/16000 (or ``samples``) within one AAC frame). Returns the probe."""
     from ovi.variants import VARIANTS
     from ovi.video_io import probe_mp4
 
     v = VARIANTS[variant]
+    frames = v.video_frames if frames is None else frames
+    samples = v.audio_samples if samples is None else samples
     info = probe_mp4(path)
     kinds = sorted(s["type"] for s in info["streams"])
     assert kinds == ["audio", "video"], (path, info["streams"])
     video, audio = info["video"], info["audio"]
     assert video["codec"] == "h264" and (video["width"], video["height"]) == size, video
-    assert video["frames"] == v.video_frames, (video, v)
-    assert abs(video["duration"] - v.video_frames / v.fps) < 1.5 / v.fps, video
+    assert video["frames"] == frames, (video, frames)
+    assert abs(video["duration"] - frames / v.fps) < 1.5 / v.fps, video
     assert audio["codec"] == "aac" and audio["sample_rate"] == v.sample_rate, audio
-    assert abs(audio["duration"] - v.audio_samples / v.sample_rate) <= 1024 / v.sample_rate, (audio, v)
+    assert abs(audio["duration"] - samples / v.sample_rate) <= 1024 / v.sample_rate, (audio, samples)
     return info
+
+
+def clip_length(api: dict, variant: str, audio_seconds: float, video_frames_24fps: int) -> tuple[int, int]:
+    """(frames, samples) the workflow's clip lasts: one window per sampler and Ovi Extend on the way to the
+    output, or as long as the audio / video it loads (windows of the variant, ``ovi.long_clip.plan``)."""
+    from ovi.long_clip.plan import plan_clip
+
+    kinds = [n["class_type"] for n in api.values()]
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "OviSampler"]
+    overlap = float(sampler.get("overlap", 1.0))
+    extends = [n["inputs"] for n in api.values() if n["class_type"] == "OviExtend"]
+    if "LoadAudio" in kinds:
+        plan = plan_clip(variant, duration=audio_seconds, overlap=overlap)
+    elif "LoadVideo" in kinds:
+        plan = plan_clip(variant, duration=video_frames_24fps / 24, overlap=overlap)
+    else:
+        assert {float(e["overlap"]) for e in extends} <= {overlap}, extends
+        plan = plan_clip(variant, windows=1 + len(extends), overlap=overlap)
+    return plan.frames, plan.samples
+
+
+def decoding_node(api: dict) -> str:
+    """The id of the node that decodes the latent: Ovi Decode, or Ovi Save Video given the latent."""
+    (node_id,) = [k for k, n in api.items() if n["class_type"] == "OviDecode"
+                  or (n["class_type"] == "OviSaveVideo" and "latent" in n["inputs"])]
+    return node_id
+
+
+def wav(seconds: float, rate: int = 44100, channels: int = 2) -> bytes:
+    """A 16-bit PCM wav: a 220 Hz tone with a slow 3 Hz swell (a voice-like envelope) and a little noise."""
+    import wave
+
+    n = int(round(seconds * rate))
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(7)
+    mono = 0.4 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(n)
+    pcm = (np.clip(np.stack([mono] * channels, -1), -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def silent_mp4(path: Path, seconds: float, fps: float = 30, size: tuple[int, int] = (160, 120)) -> Path:
+    """A silent H.264 mp4 of a moving gradient (written by the engine's mp4 writer, no audio stream)."""
+    import torch
+
+    from ovi.video_io import write_mp4
+
+    n = int(round(seconds * fps))
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    frames = np.stack([np.stack([(x * 255 // w + 4 * i) % 256, np.full_like(x, 40 + i % 160), y * 255 // h], -1)
+                       for i in range(n)]).astype(np.uint8)
+    write_mp4(path, torch.from_numpy(frames), None, fps=fps)
+    return path
 
 
 def output_videos(server: ComfyServer, result) -> dict[str, Path]:
