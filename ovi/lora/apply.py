@@ -101,7 +101,7 @@ def weighted(plans: Sequence[LoraPlan], strengths: Sequence[LoraStrength] | None
         raise ValueError(f"{len(plans)} LoRAs but {len(strengths)} strengths")
     out: dict[str, Weighted] = {}
     for plan, s in zip(plans, strengths):
-        if plan.plain_wan and s.audio != s.video:
+        if plan.plain_wan and s.audio not in (0.0, s.video):  # 0: the user asked for none (the FastWan preset)
             log.info("LoRA %s is a Wan LoRA for the video branch only; its audio strength %.2f is not used",
                      plan.name, s.audio)
         for p in plan.patches:
