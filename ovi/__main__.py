@@ -345,7 +345,7 @@ def _generate_clip(a: argparse.Namespace, engine, stop: _StopFlag) -> int:
         limit = None if a.duration is None else plan_clip(v, duration=a.duration, overlap=a.overlap).span_frames
         frames, _ = media.load_video(a.video, size=a.size, variant=v, resize=True, max_frames=limit)
         plan = media.plan_for_frames(v, frames, duration=a.duration, overlap=a.overlap, seed=a.seed)
-        frames = media.frames_to_float(media.fit_frames_to_plan(frames, plan))
+        frames = media.fit_frames_to_plan(frames, plan)
     else:
         plan = plan_clip(v, windows=len(a.prompt) if a.duration is None else None, duration=a.duration,
                          overlap=a.overlap, seed=a.seed)

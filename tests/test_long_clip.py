@@ -430,6 +430,22 @@ def test_soundtrack_holds_the_frames_and_writes_them(engine, tmp_path, recording
     assert info["audio"]["samples"] == plan.samples
 
 
+def test_soundtrack_takes_uint8_frames_window_by_window(engine, tmp_path, recording):
+    """uint8 frames (ovi.media.load_video's, a quarter of float32's memory) are converted a window at a time:
+    the latents and the frames written equal those of the same frames given as float."""
+    plan = plan_clip(VARIANT, windows=2, overlap=1.0, seed=4)
+    g = torch.Generator().manual_seed(3)
+    frames8 = torch.randint(0, 256, (plan.span_frames, 32, 32, 3), generator=g, dtype=torch.uint8)
+    as_float = frames8.float() / 255
+    got = generate_clip(engine, PROMPTS[2], tmp_path / "u8.mp4", plan=plan, video_frames=frames8, steps=2,
+                        slg_layer=1)
+    for w, r in zip(plan.windows, got.results):
+        assert torch.equal(r.video_latent, engine.encode_frames(as_float[w.frame_start:w.frame_start + FRAMES]))
+    assert torch.equal(torch.cat([f for f, _, _ in recording.given]), as_float)
+    with pytest.raises(ValueError, match="uint8 or float"):
+        generate_clip(engine, PROMPTS[2], tmp_path / "bad.mp4", plan=plan, video_frames=frames8.to(torch.int16))
+
+
 # -- errors ------------------------------------------------------------------------------------------------
 def test_bad_requests_are_refused_before_anything_runs(engine, tmp_path):
     plan = plan_clip(VARIANT, windows=2)

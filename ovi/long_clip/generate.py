@@ -169,25 +169,34 @@ def _fit_track(track: Any, plan: ClipPlan) -> torch.Tensor:
 
 
 def _fit_frames(frames: Any, plan: ClipPlan) -> torch.Tensor:
-    """The soundtrack's frames as float32 [span frames, H, W, 3]: the last frame repeated from at least the
-    clip's length (repeats past the clip's end are generated over but never written)."""
+    """The soundtrack's frames [span frames, H, W, 3], uint8 or float in [0, 1] as given (uint8 stays uint8:
+    a minute at 960x960 is 4 GB so, 16 GB as float32; each window converts its own slice, ``_as_float``):
+    the last frame repeated from at least the clip's length (repeats past the clip's end are generated over
+    but never written)."""
     f = torch.as_tensor(frames)
-    if f.ndim != 4 or f.shape[-1] != 3 or not f.is_floating_point():
-        raise ValueError(f"video_frames must be float frames [T, H, W, 3] in [0, 1] (ovi.media.load_video), got "
-                         f"{f.dtype} {list(f.shape)}")
+    if f.ndim != 4 or f.shape[-1] != 3 or not (f.is_floating_point() or f.dtype == torch.uint8):
+        raise ValueError(f"video_frames must be frames [T, H, W, 3], uint8 or float in [0, 1] "
+                         f"(ovi.media.load_video), got {f.dtype} {list(f.shape)}")
     h, w = f.shape[1:3]
     if h % 32 or w % 32 or h == 0 or w == 0:
         raise ValueError(f"video_frames are {w}x{h}; both sides must be multiples of 32 (ovi.media.fit_frames)")
     if f.shape[0] < plan.frames or f.shape[0] > plan.span_frames:
         raise ValueError(f"video_frames has {f.shape[0]} frames; the clip needs {plan.frames} to "
                          f"{plan.span_frames} (its length to its windows' span; ovi.media.fit_frames_to_plan)")
-    lo, hi = float(f.min()), float(f.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -FRAME_RANGE_SLACK or hi > 1 + FRAME_RANGE_SLACK:
-        raise ValueError(f"video_frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    f = f.to(torch.float32)
+    if f.is_floating_point():
+        lo, hi = float(f.min()), float(f.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -FRAME_RANGE_SLACK or hi > 1 + FRAME_RANGE_SLACK:
+            raise ValueError(f"video_frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
     if f.shape[0] < plan.span_frames:
         f = torch.cat([f, f[-1:].expand(plan.span_frames - f.shape[0], -1, -1, -1)])
     return f
+
+
+def _as_float(frames: torch.Tensor) -> torch.Tensor:
+    """One window's frames as float32 in [0, 1] (uint8 / 255)."""
+    if frames.dtype == torch.uint8:
+        return frames.to(torch.float32).div_(255.0)
+    return frames.to(torch.float32)
 
 
 # -- generate_clip --------------------------------------------------------------------------------------
@@ -299,7 +308,7 @@ def generate_clip(engine, prompts: Sequence[str] | str, path: str | os.PathLike,
             hold = 0 if nxt is None else nxt.known_tokens * AUDIO_SAMPLES_PER_LATENT
             if frames_in is not None:
                 waveform = engine.decode_audio(result)
-                frames = frames_in[lo:hi]
+                frames = _as_float(frames_in[lo:hi])
                 t2 = time.perf_counter()
                 writer.append(frames[frames_to_keep(w.known_frames)], waveform, overlap_samples=hold)
             else:
@@ -355,7 +364,7 @@ def _generate_window(engine, w: Window, n_windows: int, prompt: str, image, trac
     v = plan.variant
     video_known = audio_known = None
     if frames_in is not None:
-        window_frames = frames_in[w.frame_start:w.frame_start + v.video_frames]
+        window_frames = _as_float(frames_in[w.frame_start:w.frame_start + v.video_frames])
         video_known = _whole(engine.encode_frames(window_frames), 1, video_mode)
     elif w.index > 0:
         video_known = _overlap_video(engine, w, previous_tail, video_mode)
