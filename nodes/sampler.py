@@ -67,10 +67,11 @@ class OviSampler:
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "First frame for image-to-video (the first image of a batch)."}),
-                "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.01, "tooltip":
                                               "Step cache: steps whose estimated output change stays below this "
-                                              "reuse the last full step instead of running the model (0.05-0.1 "
-                                              "skips about a third of 50 steps). 0: off, every step runs."}),
+                                              "reuse the last full step instead of running the model; higher "
+                                              "skips more steps and changes the result more (the log says how "
+                                              "many were reused). 0: off, every step runs."}),
                 "audio": ("AUDIO", {"tooltip": "Lip-sync: the clip's sound (resampled to 16 kHz mono), held as known "
                                                "audio; the clip lasts as long as it, in windows when longer than one. "
                                                "Its own samples are the clip's soundtrack."}),
