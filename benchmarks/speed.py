@@ -27,9 +27,10 @@ Models, float32 on the CPU, random weights (``benchmarks/engine.py``'s ``randomi
 SLG is off in every option (``slg_layer`` 0): on the 30-layer model the negative pass skips 1 layer of 30, on a
 1- or 2-layer model it would skip half or all of it and make the negative pass look cheap. The output difference
 is the relative L2 distance ||x - x_default|| / ||x_default|| of the final video and audio latents. Step-cache
-skips depend on how the model's output moves from step to step, which random weights do not reproduce: their
-output moves 30-70x more per unit of input change than a trained model's, so the default thresholds (0.7, 1.0)
-are ones that engage on these models, not advice; the skip counts at usable thresholds need the real model.
+skips depend on how the model's output moves from step to step, which random weights do not reproduce: on the
+tiny model the rate the cache measures (relative output change per relative input change) is 5-80 and the
+per-step estimate ~0.3-0.8, so the default thresholds (0.7, 1.0) are ones that engage on these models, not
+advice; the skip counts at usable thresholds need the real model.
 
 Times are wall seconds with one torch thread (``--threads``; CPU seconds beside them): on a 2-core machine shared
 with other work, two threads spend much of a step waiting for each other. The tiny model's rows are the median of
@@ -63,8 +64,8 @@ from ovi.tools.tiny.fusion import TINY_CONFIG  # noqa: E402
 DEFAULT_STEPS = 50
 FULL_STEPS = 12  # the full-width model's steps: 50 would take half an hour on two cores
 FASTWAN = dict(steps=6, video_guidance=1.0, audio_guidance=1.0, shift=6.0)  # Wan2GP's FastWan preset for Ovi 1.0
-# Random weights move their output 30-70x more per unit of input change than a trained model (the rate the cache
-# measures), so the per-step estimate is ~0.3-0.8 here: thresholds that engage on these models, not advice.
+# On random weights the cache's per-step estimate is ~0.3-0.8 (0.05-0.5 skip nothing on the tiny model): thresholds
+# that engage on these models, not advice.
 DEFAULT_THRESHOLDS = (0.7, 1.0)
 DEFAULT_THREADS = 1  # one torch thread: on a 2-core machine shared with other work, two threads wait on each other
 TINY_REPEATS = 3  # the tiny model's generations take seconds: median of three
