@@ -308,7 +308,8 @@ def save_video_interrupted():  # OviSaveVideo stopped part-way: ComfyUI's interr
     images = torch.rand(12, 32, 32, 3)
     audio = {"waveform": torch.zeros(1, 1, 8000), "sample_rate": 16000}
     try:
-        pack.NODE_CLASS_MAPPINGS["OviSaveVideo"]().save(images, 24.0, "video/compat", 18, audio)
+        pack.NODE_CLASS_MAPPINGS["OviSaveVideo"]().save(images=images, fps=24.0, filename_prefix="video/compat",
+                                                        crf=18, audio=audio)  # ComfyUI passes inputs by name
         out["save_raised"] = None
     except mm.InterruptProcessingException:
         out["save_raised"] = "InterruptProcessingException"

@@ -28,6 +28,7 @@ block swapper is attached, and restore handles in the reverse order of applicati
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Sequence
@@ -39,14 +40,32 @@ from torch import nn
 from ..loading import is_compute_float
 from ..log import log
 from ..quant.fp8 import FP8Linear, quantise_fp8
-from ..quant.gguf_load import GGUFLinear
 from ..quant.int8 import Int8Linear
 from .errors import LoraError
 from .file import LowRank
 from .plan import Diff, LoraPlan
 
-QUANTISED_KINDS = (FP8Linear, GGUFLinear, Int8Linear)  # linears whose weight is not a plain float tensor
-LINEAR_KINDS = (nn.Linear,) + QUANTISED_KINDS
+# The GGUF layer's module needs the optional gguf package, so it is never imported here: a GGUFLinear can only
+# exist once a GGUF loader has imported that module, and until then no layer is one.
+_GGUF_MODULE = __name__.rsplit(".", 2)[0] + ".quant.gguf_load"
+
+
+class _NoGGUF:  # stands in for GGUFLinear in isinstance checks while no GGUF model was loaded
+    pass
+
+
+def _gguf_linear() -> type:
+    module = sys.modules.get(_GGUF_MODULE)
+    return _NoGGUF if module is None else module.GGUFLinear
+
+
+def quantised_kinds() -> tuple[type, ...]:
+    """Linears whose weight is not a plain float tensor."""
+    return (FP8Linear, _gguf_linear(), Int8Linear)
+
+
+def linear_kinds() -> tuple[type, ...]:
+    return (nn.Linear,) + quantised_kinds()
 # How an FP8 linear takes a LoRA: "side" (a low-rank side path beside the FP8 weight) or "merge" (dequantised to
 # float32, merged, re-quantised with a fresh scale of the layer's granularity). "side" is the default: its output
 # carries only the FP8 rounding the layer had already (2.63 % on a full-size layer against float32 W + delta,
@@ -74,7 +93,7 @@ def lora_target_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     its [out, in], not the shape of its packed bytes."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     for name, m in model.named_modules():
-        if isinstance(m, GGUFLinear):
+        if isinstance(m, _gguf_linear()):
             shapes[f"{name}.weight"] = (m.out_features, m.in_features)
     return shapes
 
@@ -147,7 +166,7 @@ def how_by_format(owner: nn.Module, leaf: str, fp8: str = FP8_DEFAULT) -> str:
         raise ValueError(f"the FP8 LoRA mode must be one of {FP8_MODES}, got {fp8!r}")
     if leaf == "weight" and isinstance(owner, FP8Linear):
         return "requantise" if fp8 == "merge" else "side"
-    if leaf == "weight" and isinstance(owner, (GGUFLinear, Int8Linear)):
+    if leaf == "weight" and isinstance(owner, (_gguf_linear(), Int8Linear)):
         return "side"
     return "merge"
 
@@ -188,7 +207,7 @@ class LoraRestore:
     def _merge(self, param: str, items: Weighted, why: str) -> None:
         owner, leaf, t = _resolve(self.model, param)
         if t.device.type == "meta" or not is_compute_float(t.dtype) or (
-                leaf == "weight" and isinstance(owner, QUANTISED_KINDS)):
+                leaf == "weight" and isinstance(owner, quantised_kinds())):
             dtype = str(t.dtype).removeprefix("torch.")
             raise LoraError(items[0][2], f"cannot merge a LoRA into {param} ({dtype} on {t.device.type}): {why}")
         self._keep(param, t)
@@ -347,7 +366,7 @@ def _compute_dtype(model: nn.Module, weight: torch.Tensor) -> torch.dtype:
 
 
 def _side_or_merge(owner: nn.Module, leaf: str) -> str:
-    return "side" if leaf == "weight" and isinstance(owner, LINEAR_KINDS) else "merge"
+    return "side" if leaf == "weight" and isinstance(owner, linear_kinds()) else "merge"
 
 
 def apply_side_path(model: nn.Module, plans: Sequence[LoraPlan], strengths: Sequence[LoraStrength] | None = None,

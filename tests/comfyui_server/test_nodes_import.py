@@ -35,7 +35,7 @@ def test_importing_the_pack_is_cheap():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["heavy"] == [] and out["engine"] == [], out
-    assert len(out["nodes"]) == 8 and set(out["names"]) == set(out["nodes"])
+    assert len(out["nodes"]) == 10 and set(out["names"]) == set(out["nodes"])
     assert out["seconds"] < 2.0, out
 
 
@@ -59,6 +59,8 @@ SHARED_CHOICES = [
     ("sampler", "VIDEO_NEGATIVE", "VIDEO_NEGATIVE_PROMPT"),
     ("sampler", "AUDIO_NEGATIVE", "AUDIO_NEGATIVE_PROMPT"),
     ("convert", "TARGETS", "CONVERT_TARGETS"),
+    ("extend", "SOLVERS", "SOLVERS"),
+    ("extend", "KNOWN_MODES", "KNOWN_MODES"),
 ]
 # Where the engine itself uses each ovi.choices constant: (engine module, its name there, the ovi.choices name).
 ENGINE_USES = [
@@ -69,17 +71,19 @@ ENGINE_USES = [
     ("ovi.convert", "GGUF_TARGETS", "GGUF_TARGETS"),
     ("ovi.__main__", "VIDEO_NEGATIVE", "VIDEO_NEGATIVE_PROMPT"),
     ("ovi.__main__", "AUDIO_NEGATIVE", "AUDIO_NEGATIVE_PROMPT"),
+    ("ovi.sampling.known", "KNOWN_MODES", "KNOWN_MODES"),
 ]
 # Constants of the node modules that are the nodes' own (checked against the engine where it has a counterpart).
 NODE_ONLY = {"convert.CATEGORY", "loaders.CATEGORY", "loaders.PRECISIONS", "loaders.GGUF_MAGIC",
              "decode.VAE_PRECISIONS", "latents.AUDIO_KEY", "latents.META_KEY", "latents.LATENT_DIR",
              "sampler.EXAMPLE_PROMPT", "sampler.SEED_MAX", "convert._SOURCES", "convert._SUFFIX", "loaders._ROLES",
-             "decode._HAS_VIDEO"}
+             "decode._HAS_VIDEO", "extend.PREVIOUS", "latents.TRACK_KEY", "latents.NOT_OVI", "lora.LORA_EXTENSIONS",
+             "lora.STRENGTH_LIMIT", "lora.PREFERRED"}
 
 
 def _node_modules(pack) -> dict:
     return {name: sys.modules[f"{pack.__name__}.nodes.{name}"]
-            for name in ("convert", "decode", "latents", "loaders", "sampler", "video")}
+            for name in ("convert", "decode", "extend", "latents", "loaders", "lora", "sampler", "video")}
 
 
 def test_node_choices_are_the_engines():
