@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,16 @@ def test_write_clip_writes_what_generate_clip_wrote(engine, story, tmp_path):
     assert seen[0] == (1, 3) and seen[-1] == (3, 3)
 
 
-def test_extend_clip_appends_extends_window(engine, story):
+def test_extend_clip_appends_extends_window(engine, story, monkeypatch):
     _, made, windows, _ = story
+    # the sampler's plain one-window result (no window metadata) becomes window 0 of a clip that checks whole
+    first = windows.results[0]
+    plain = replace(first, settings={k: v for k, v in first.settings.items() if k != "window"})
+    latents = _latents_module(monkeypatch)
+    two = latents.from_latent_windows(latents.to_latent(extend_clip(engine, ClipWindows([plain]), PROMPTS[1])))
+    assert two.count == 2 and torch.equal(two.results[1].video_latent, windows.results[1].video_latent)
+    assert two.results[0].settings["window"] == first.settings["window"]
+
     two = ClipWindows(windows.results[:2])
     three = extend_clip(engine, two, PROMPTS[2], overlap=1.0)
     direct = extend(engine, windows.results[1], PROMPTS[2], overlap=1.0,

@@ -22,7 +22,7 @@ writes the user's frames themselves.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +34,7 @@ from ..variants import AUDIO_SAMPLES_PER_LATENT, get_variant
 from ..video_io import DEFAULT_CRF
 from .clip_writer import ClipWriter, to_uint8
 from .generate import (ClipProgress, _check_request, _check_windows, _fit_frames, _fit_track, _generate_window,
-                       decode_windows, decoded_bytes, extend, window_meta)
+                       _meta_of, decode_windows, decoded_bytes, extend, window_meta)
 from .plan import DEFAULT_OVERLAP_S, ClipPlan
 from .stitch import frames_to_keep
 
@@ -135,7 +135,11 @@ def extend_clip(engine, clip: ClipWindows, prompt: str, *, overlap: float = DEFA
     result = extend(engine, last, prompt, overlap=overlap, previous_frames=tail, should_stop=should_stop,
                     **extend_kw)
     del tail
-    return ClipWindows(clip.results + [result])
+    # a plain one-window result (the sampler alone) is window 0 of the clip now: say so in its metadata
+    first = clip.results[0]
+    if "window" not in first.settings:
+        first = replace(first, settings={**first.settings, "window": _meta_of(first)})
+    return ClipWindows([first, *clip.results[1:], result])
 
 
 def clip_bytes(clip: ClipWindows) -> int:

@@ -13,9 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .harness import PromptResult, combo_options
-from .nodes_helpers import (API_WORKFLOWS, NODES, Progress, check_clip, error_text, graph, load_workflow,
-                            log_match, output_videos, png, tiny_api, variant_of, write_fp8_fusion, write_gguf,
-                            write_kj_split)
+from .nodes_helpers import (API_WORKFLOWS, NODES, Progress, check_clip, clip_length, decoding_node, error_text, graph,
+                            load_workflow, log_match, output_videos, png, silent_mp4, tiny_api, variant_of, wav,
+                            write_fp8_fusion, write_gguf, write_kj_split)
+
+WORKFLOW_AUDIO_S = 3.0  # the voice the lip-sync workflow loads
+WORKFLOW_VIDEO_S = 2.0  # the silent video the soundtrack workflow loads (30 fps)
 
 # -- the node interface ------------------------------------------------------------------------------------
 def test_object_info_lists_every_node_from_this_pack(comfy_server, comfy_models):
@@ -72,11 +75,16 @@ def test_folders_registered_without_disturbing_other_folders(comfy_server, comfy
 
 # -- the shipped workflows ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", API_WORKFLOWS)
-def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models):
+def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models, tmp_path):
     tag = f"wf{int(time.time() * 1000) % 10**8}"
     image = comfy_server.upload_image(png(80, 56), f"{tag}_first_frame.png")["name"]
-    api = tiny_api(load_workflow(name), comfy_models, tag, image=image)
+    # the lip-sync and soundtrack workflows' media: short, so each makes one window
+    audio = comfy_server.upload_image(wav(WORKFLOW_AUDIO_S), f"{tag}_voice.wav")["name"]
+    mp4 = silent_mp4(tmp_path / f"{tag}_silent.mp4", WORKFLOW_VIDEO_S)
+    video = comfy_server.upload_image(mp4.read_bytes(), mp4.name)["name"]
+    api = tiny_api(load_workflow(name), comfy_models, tag, image=image, audio=audio, video=video)
     variant = variant_of(api)
+    frames, samples = clip_length(api, variant, WORKFLOW_AUDIO_S, round(WORKFLOW_VIDEO_S * 24))
     with Progress(comfy_server) as progress:
         status, body = comfy_server.queue_prompt(api, client_id=progress.client_id)
         assert status == 200, body
@@ -88,13 +96,13 @@ def test_api_workflow_runs_on_tiny_checkpoint(name, comfy_server, comfy_models):
     assert videos, entry["outputs"]
     for path in videos.values():
         assert tag in path.name
-        check_clip(path, variant)
+        check_clip(path, variant, frames=frames, samples=samples)
 
     # ComfyUI's progress bar moved once per denoising step, then through the decoded latent frames.
     sampler_steps = progress.steps("3", pid)
     assert [v for v, _ in sampler_steps] == [1, 2] and {m for _, m in sampler_steps} == {2}, sampler_steps
     assert progress.previews >= 2  # a latent preview image with every denoising step
-    decoded = progress.steps("4", pid)
+    decoded = progress.steps(decoding_node(api), pid)
     assert decoded[-1][0] == decoded[-1][1] > 1, decoded
 
     for node_id, out in entry["outputs"].items():
