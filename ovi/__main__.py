@@ -2,7 +2,7 @@
 
     python -m ovi generate --models ckpts --variant 960x960_10s --prompt "..." --out clip.mp4
     python -m ovi generate --models ckpts --fusion model_960x960_10s_q8_0.gguf --prompt "..." --out clip.mp4
-    python -m ovi generate --models ckpts --variant 960x960_5s --duration 18 --prompt "..." --prompt "..." \
+    python -m ovi generate --models ckpts --variant 960x960_5s --duration 17 --prompt "..." --prompt "..." \
         --prompt "..." --prompt "..." --out long.mp4             # a long clip: 4 windows, one prompt each
     python -m ovi generate --models ckpts --audio voice.wav --image face.png --prompt "..." --out talk.mp4
     python -m ovi generate --models ckpts --video silent.mp4 --prompt "Audio: rain on a tin roof" --out sound.mp4
