@@ -49,7 +49,9 @@ class OviDecode:
             prepare(engine)
             if windows.count > 1 or windows.frames is not None or windows.track is not None:
                 # a long clip, or one cut to the user's media: stitched as Ovi Save Video writes it
-                clip = _decode_windows(engine.engine, windows, int(tile_size), should_stop)
+                clip = _decode_windows(engine.engine, windows, int(tile_size), should_stop,
+                                       tile_overlap=int(tile_overlap),
+                                       vae_dtype=None if vae_precision == "auto" else vae_precision)
             else:
                 clip = engine.engine.decode(result, tile_size=int(tile_size), tile_overlap=int(tile_overlap),
                                             vae_dtype=None if vae_precision == "auto" else vae_precision,
@@ -63,7 +65,7 @@ class OviDecode:
         return images, audio, fps
 
 
-def _decode_windows(engine, windows, tile_size: int, should_stop):
+def _decode_windows(engine, windows, tile_size: int, should_stop, **decode_kw):
     """A long clip's windows stitched in memory (``latent_windows.decode_clip``), after checking the RAM it takes."""
     from ..ovi.log import log
     from ..ovi.long_clip.latent_windows import clip_bytes, decode_clip
@@ -83,4 +85,4 @@ def _decode_windows(engine, windows, tile_size: int, should_stop):
     latent_frames = first.video_latent.shape[1]
     bar = progress_bar(windows.count * latent_frames)
     return decode_clip(engine, windows, tile_size=tile_size, should_stop=should_stop,
-                       progress=lambda w, n, done, total: bar((w - 1) * total + done, n * total))
+                       progress=lambda w, n, done, total: bar((w - 1) * total + done, n * total), **decode_kw)

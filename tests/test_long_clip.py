@@ -289,6 +289,20 @@ def test_write_windows_and_decode_windows_stitch_the_clip(engine, clip4, tmp_pat
     with pytest.raises(ValueError, match="not consecutive"):
         write_windows(engine, [result.results[0], result.results[2]], tmp_path / "gap.mp4")
     assert not (tmp_path / "gap.mp4").exists()
+    # the decoder's own options reach every window's decode (Ovi Decode's tile overlap and VAE precision)
+    seen, decode = [], engine.decode
+
+    def spy(r, **kw):
+        seen.append({k: kw.get(k) for k in ("tile_size", "tile_overlap", "vae_dtype")})
+        return decode(r, **kw)
+
+    engine.decode = spy
+    try:
+        tiled = decode_windows(engine, two, tile_size=1, tile_overlap=0, vae_dtype="fp32")
+    finally:
+        del engine.decode
+    assert seen == [{"tile_size": 1, "tile_overlap": 0, "vae_dtype": "fp32"}] * 2
+    assert tiled.frames.shape == clip.frames.shape
 
 
 def _stop_in_window(window: int, step: int, raise_it=None):

@@ -499,7 +499,7 @@ def decoded_bytes(results: Sequence[GenerationResult]) -> int:
 
 def decode_windows(engine, results: Sequence[GenerationResult], *, tile_size: int | None = None,
                    progress: ClipProgress | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> DecodedClip:
+                   should_stop: Callable[[], bool] | None = None, **decode_kw) -> DecodedClip:
     """The whole clip of ``results`` in memory, stitched as ``write_windows`` writes it (for short clips; the
     memory it takes, ``decoded_bytes``, is logged before it starts)."""
     metas = _check_windows(results)
@@ -515,7 +515,7 @@ def decode_windows(engine, results: Sequence[GenerationResult], *, tile_size: in
     at = 0
     for k, (r, m) in enumerate(zip(results, metas)):
         step = None if progress is None else (lambda done, total, k=k: progress(k + 1, n, done, total))
-        clip = engine.decode(r, tile_size=tile_size, progress=step, should_stop=should_stop)
+        clip = engine.decode(r, tile_size=tile_size, progress=step, should_stop=should_stop, **decode_kw)
         hold = 0 if k + 1 == n else metas[k + 1]["known_tokens"] * AUDIO_SAMPLES_PER_LATENT
         kept = clip.frames[frames_to_keep(m["overlap_frames"])]
         frames[at:at + kept.shape[0]] = kept

@@ -148,10 +148,11 @@ def clip_bytes(clip: ClipWindows) -> int:
 
 
 def decode_clip(engine, clip: ClipWindows, *, tile_size: int | None = None, progress: ClipProgress | None = None,
-                should_stop: Callable[[], bool] | None = None) -> DecodedClip:
+                should_stop: Callable[[], bool] | None = None, **decode_kw) -> DecodedClip:
     """The whole clip in memory (``generate.decode_windows``), cut to its length, its sound the track when it
-    has one."""
-    decoded = decode_windows(engine, clip.results, tile_size=tile_size, progress=progress, should_stop=should_stop)
+    has one. ``decode_kw`` (``tile_overlap``, ``vae_dtype``) go to every window's ``engine.decode``."""
+    decoded = decode_windows(engine, clip.results, tile_size=tile_size, progress=progress, should_stop=should_stop,
+                             **decode_kw)
     frames, samples = clip.length
     decoded.frames = decoded.frames[:frames]
     decoded.waveform = clip.track.clone() if clip.track is not None else decoded.waveform[:samples]
