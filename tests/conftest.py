@@ -26,3 +26,16 @@ def tiny_dir(tmp_path_factory) -> Path:
     if not (d / "tiny_manifest.json").is_file():
         make_tiny(d, seed=0)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny tensors: with other jobs on a 2-core machine, OpenMP thread
+    contention costs far more than the parallelism gains (a tiny window's decode takes 5-10x longer on 2 busy
+    threads than on 1)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,14 +22,7 @@ from ovi.tools.tiny.audio import write_tiny
 AUDIO_FIXTURES = ["mmaudio_vae_decode", "mmaudio_vae_encode", "bigvgan_vocode", "audio_decode_e2e", "mel_frontend"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny; with other jobs on a 2-core machine, OpenMP thread contention costs far more
-    # than the parallelism gains.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

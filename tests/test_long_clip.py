@@ -32,14 +32,7 @@ PROMPTS = ["A cat sits on a wall. Audio: a cat meows", "The cat jumps down. Audi
 RATE = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: with other jobs on a 2-core machine, OpenMP thread contention costs far more than the
-    # parallelism gains (a tiny window's decode takes 5-10x longer on 2 busy threads than on 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tone(start: int, count: int, phase: float = 0.0, hz: float = 440.0) -> torch.Tensor:
